@@ -1,0 +1,43 @@
+# hierseg developer commands. `make demo` and `make test` set up .venv themselves.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: setup demo test test-fast lint format bench clean
+
+setup: $(STAMP)
+
+# Install the pinned CPU torch first when none is present, so a fresh machine never pulls a
+# multi-GB CUDA build through the `torch>=2.4` range; GPU users install their own build first.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_CPU) numpy
+	$(BIN)/python -m pip install -q -e '.[dev]' 'mlflow==3.17.2'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python jobs/demo.py
+
+# pytest exits 5 when it collects no test: that is not a failure of the suite.
+test: setup
+	$(BIN)/python -m pytest -q tests; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+
+test-fast: setup
+	$(BIN)/python -m pytest -q tests -m "not slow and not slurm"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: setup
+	$(BIN)/python bench/loss.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache hierseg_runs mlflow.db mlruns

@@ -1,0 +1,225 @@
+"""Label taxonomy: the 12 fine classes, the uncertain value, and coarse hierarchies over them.
+
+The fine label of a pixel is an integer in ``0..11`` (index into :data:`FINE_CLASSES`) or
+:data:`IGNORE_INDEX` (-1) for pixels human tracers marked *uncertain*. Uncertain is never a class:
+it contributes nothing to any loss, metric or statistic.
+
+A :class:`Hierarchy` is data: one or more *levels*, each a set of named groups of fine classes.
+Every level becomes one sigmoid head whose targets are looked up from the fine label through a
+``[12, K]`` table (:meth:`Hierarchy.lut`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -1
+
+FINE_CLASSES: tuple[str, ...] = (
+    "extracellular space",
+    "tear",
+    "dendrite",
+    "axon",
+    "soma",
+    "glia",
+    "myelin",
+    "myelin inner tongue",
+    "myelin outer tongue",
+    "nucleus",
+    "mitochondria",
+    "fat globule",
+)
+NUM_FINE_CLASSES = len(FINE_CLASSES)
+
+# The plan's coarse head: 5 sigmoid groups.
+DEFAULT_GROUPS: dict[str, tuple[str, ...]] = {
+    "neuron_part": ("dendrite", "axon", "soma"),
+    "glia": ("glia",),
+    "myelin_related": ("myelin", "myelin inner tongue", "myelin outer tongue"),
+    "organelle": ("nucleus", "mitochondria", "fat globule"),
+    "non_tissue": ("extracellular space", "tear"),
+}
+
+
+def _norm(name: str) -> str:
+    return " ".join(name.strip().lower().replace("_", " ").replace("-", " ").split())
+
+
+_CLASS_INDEX = {_norm(n): i for i, n in enumerate(FINE_CLASSES)}
+
+
+def class_index(name: str | int) -> int:
+    """Index of a fine class given its name (case, ``_``/``-``/space insensitive) or index."""
+    if isinstance(name, bool):
+        raise ValueError(f"fine class must be a name or an index 0..11, got {name!r}")
+    if isinstance(name, int):
+        if not 0 <= name < NUM_FINE_CLASSES:
+            raise ValueError(f"fine class index {name} is outside 0..{NUM_FINE_CLASSES - 1}")
+        return name
+    key = _norm(str(name))
+    if key not in _CLASS_INDEX:
+        close = difflib.get_close_matches(key, list(_CLASS_INDEX), n=1)
+        hint = f" (did you mean {FINE_CLASSES[_CLASS_INDEX[close[0]]]!r}?)" if close else ""
+        raise ValueError(
+            f"unknown fine class {name!r}{hint}; known classes: {', '.join(FINE_CLASSES)}"
+        )
+    return _CLASS_INDEX[key]
+
+
+def metric_name(name: str) -> str:
+    """A class or group name as used in metric keys (``myelin inner tongue`` -> ``myelin_inner_tongue``)."""
+    return _norm(name).replace(" ", "_")
+
+
+@dataclass(frozen=True)
+class Level:
+    """One coarse level: named groups, each a tuple of fine class indices."""
+
+    name: str
+    group_names: tuple[str, ...]
+    group_members: tuple[tuple[int, ...], ...]
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_names)
+
+    def lut(self) -> torch.Tensor:
+        """``[12, K]`` float table: ``lut[c, k] = 1`` when fine class ``c`` is in group ``k``."""
+        table = torch.zeros(NUM_FINE_CLASSES, self.num_groups, dtype=torch.float32)
+        for k, members in enumerate(self.group_members):
+            table[list(members), k] = 1.0
+        return table
+
+
+class Hierarchy:
+    """Levels of named groups over the fine classes; each level drives one sigmoid head."""
+
+    def __init__(self, levels: Sequence[Level]):
+        if not levels:
+            raise ValueError("hierarchy.levels is empty: give at least one level of groups")
+        names = [lv.name for lv in levels]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"hierarchy level name {dup[0]!r} is used twice; level names must be unique")
+        self.levels: tuple[Level, ...] = tuple(levels)
+
+    @classmethod
+    def default(cls) -> Hierarchy:
+        """The plan's single coarse level of 5 groups."""
+        return cls.from_config({"levels": [{"name": "coarse", "groups": DEFAULT_GROUPS}]})
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | Sequence[Any]) -> Hierarchy:
+        """Build from ``{"levels": [{"name": ..., "groups": {group: [class, ...]}}, ...]}``.
+
+        ``groups`` may also be a list of ``{"name": ..., "classes": [...]}`` (which lets duplicate
+        group names be caught). A bare list of levels is accepted too.
+        """
+        raw_levels = config.get("levels") if isinstance(config, Mapping) else config
+        if not isinstance(raw_levels, Sequence) or isinstance(raw_levels, str):
+            raise ValueError("hierarchy.levels must be a list of {name, groups} mappings")
+        return cls([_parse_level(i, raw) for i, raw in enumerate(raw_levels)])
+
+    def to_config(self) -> dict[str, Any]:
+        """Plain-data form that :meth:`from_config` reads back (stored in checkpoints and models)."""
+        return {
+            "levels": [
+                {
+                    "name": lv.name,
+                    "groups": {
+                        g: [FINE_CLASSES[c] for c in members]
+                        for g, members in zip(lv.group_names, lv.group_members, strict=True)
+                    },
+                }
+                for lv in self.levels
+            ]
+        }
+
+    def level(self, level: int | str | None = None) -> Level:
+        """A level by index or name; ``None`` is the first (the plan's coarse head)."""
+        if level is None:
+            return self.levels[0]
+        if isinstance(level, int):
+            return self.levels[level]
+        for lv in self.levels:
+            if lv.name == level:
+                return lv
+        raise ValueError(f"unknown hierarchy level {level!r}; levels: {[lv.name for lv in self.levels]}")
+
+    def lut(self, level: int | str | None = None) -> torch.Tensor:
+        """``[12, K]`` float lookup table of one level (the plan's ``coarse_lut`` for the default)."""
+        return self.level(level).lut()
+
+    def luts(self) -> list[torch.Tensor]:
+        return [lv.lut() for lv in self.levels]
+
+    @property
+    def num_groups(self) -> list[int]:
+        return [lv.num_groups for lv in self.levels]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Hierarchy) and self.levels == other.levels
+
+    def __repr__(self) -> str:
+        return f"Hierarchy({self.to_config()!r})"
+
+
+def _parse_level(i: int, raw: Any) -> Level:
+    where = f"hierarchy.levels[{i}]"
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{where} must be a mapping with 'name' and 'groups'")
+    unknown = set(raw) - {"name", "groups"}
+    if unknown:
+        raise ValueError(f"{where} has unknown key(s) {sorted(unknown)}; allowed: name, groups")
+    name = raw.get("name", f"level{i}")
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{where}.name must be a non-empty string")
+    where = f"hierarchy level {name!r}"
+    groups = raw.get("groups")
+    pairs = _group_pairs(where, groups)
+    if not pairs:
+        raise ValueError(f"{where} has no groups")
+    seen: set[str] = set()
+    names, members = [], []
+    for gname, classes in pairs:
+        if gname in seen:
+            raise ValueError(f"{where}: group name {gname!r} appears twice; group names must be unique")
+        seen.add(gname)
+        if isinstance(classes, (str, int)):
+            classes = [classes]
+        if not classes:
+            raise ValueError(f"{where}: group {gname!r} is empty; list at least one fine class")
+        idx = []
+        for c in classes:
+            try:
+                idx.append(class_index(c))
+            except ValueError as e:
+                raise ValueError(f"{where}, group {gname!r}: {e}") from None
+        names.append(gname)
+        members.append(tuple(sorted(set(idx))))
+    covered = {c for m in members for c in m}
+    missing = [FINE_CLASSES[c] for c in range(NUM_FINE_CLASSES) if c not in covered]
+    if missing:
+        raise ValueError(
+            f"{where}: fine class(es) {missing} are in no group; every fine class must belong to "
+            "at least one group of each level (add them to a group, or to a catch-all group)"
+        )
+    return Level(name=name, group_names=tuple(names), group_members=tuple(members))
+
+
+def _group_pairs(where: str, groups: Any) -> list[tuple[str, Any]]:
+    if isinstance(groups, Mapping):
+        return [(str(k), v) for k, v in groups.items()]
+    if isinstance(groups, Sequence) and not isinstance(groups, str):
+        pairs = []
+        for j, g in enumerate(groups):
+            if not isinstance(g, Mapping) or "name" not in g or "classes" not in g:
+                raise ValueError(f"{where}.groups[{j}] must be a mapping with 'name' and 'classes'")
+            pairs.append((str(g["name"]), g["classes"]))
+        return pairs
+    raise ValueError(f"{where}.groups must be a mapping of group name -> list of fine classes")

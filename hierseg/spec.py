@@ -1,0 +1,371 @@
+"""The job spec: one validated, typed, documented description of a training job.
+
+``load_spec(path, overrides)`` reads YAML (``safe_load``, duplicate keys rejected), applies
+``key.path=value`` overrides, and validates into :class:`JobSpec`. Any problem raises
+:class:`SpecError` listing every bad field with its dotted path and how to fix it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hierseg.labels import DEFAULT_GROUPS, Hierarchy
+
+PosInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+
+
+class SpecError(ValueError):
+    """A job spec that cannot be used; ``errors`` holds one line per bad field."""
+
+    def __init__(self, errors: list[str], source: str | None = None):
+        self.errors = errors
+        head = f"invalid job spec {source}" if source else "invalid job spec"
+        super().__init__(head + ":\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# ----------------------------------------------------------------------------------------------- data
+class AugmentSpec(_Strict):
+    """EM augmentations; geometric ones apply to image and label alike, intensity ones to the image."""
+
+    flips: bool = True
+    """Random horizontal/vertical flips."""
+    rot90: bool = True
+    """Random multiples of 90-degree rotation."""
+    elastic: float = Field(0.0, ge=0.0, le=1.0)
+    """Probability of a small elastic/affine warp (nearest-neighbour for labels); 0 disables."""
+    contrast: float = Field(0.1, ge=0.0, lt=1.0)
+    """Max relative contrast/brightness jitter."""
+    gamma: float = Field(0.1, ge=0.0, lt=1.0)
+    """Max relative gamma jitter."""
+    noise: float = Field(0.02, ge=0.0)
+    """Std of additive Gaussian noise (image in [0, 1])."""
+    blur: float = Field(0.0, ge=0.0, le=1.0)
+    """Probability of a light Gaussian blur."""
+
+
+class SyntheticSpec(_Strict):
+    """Synthetic EM-like data generated into ``data.train``/``data.val`` when those are absent."""
+
+    num_train: PosInt = 48
+    """Number of synthetic training images."""
+    num_val: PosInt = 12
+    """Number of synthetic validation images."""
+    image_size: PosInt = 256
+    """Side of each synthetic image in pixels."""
+    patch_size: PosInt = 128
+    """Side of the square patches cut for the shards."""
+    seed: int = 0
+    """Seed of the generator (the same seed gives byte-identical shards)."""
+
+
+class DataSpec(_Strict):
+    """Where the shards are and how they are streamed into the workers."""
+
+    train: str
+    """Training shards: a folder with ``manifest.json``, a glob, a brace pattern, or URLs."""
+    val: str
+    """Validation shards (same forms as ``train``); every sample is evaluated exactly once."""
+    batch_size: PosInt
+    """Global batch size per step, summed over all workers (must divide by ``run.num_workers``)."""
+    num_workers: NonNegInt = 2
+    """DataLoader worker processes per training rank (0 reads in the training process)."""
+    shuffle_buffer: NonNegInt = 256
+    """Samples held in the shuffle buffer of each loader (0 disables shuffling)."""
+    class_balanced: bool = False
+    """Weight training patches by the inverse frequency of their valid classes."""
+    on_bad_sample: Literal["stop", "skip"] = "stop"
+    """``stop``: a corrupt sample fails the job naming shard and key; ``skip``: skip it with a counted warning."""
+    augment: AugmentSpec = AugmentSpec()
+    """Training augmentations (validation is never augmented)."""
+    synthetic: SyntheticSpec | None = None
+    """When set and the shard folders are absent, generate synthetic EM-like shards there first."""
+
+
+# ---------------------------------------------------------------------------------------------- model
+class ModelSpec(_Strict):
+    """2D U-Net backbone with a fine head and one sigmoid head per hierarchy level."""
+
+    in_channels: PosInt = 1
+    """Image channels (1 for EM; 2.5D context slices add channels)."""
+    base_channels: PosInt = 32
+    """Channels of the first encoder stage; doubled at every down-sampling."""
+    depth: int = Field(4, ge=1, le=7)
+    """Number of down-sampling stages."""
+    norm: Literal["batch", "group", "instance", "none"] = "group"
+    """Normalisation layer (group norm is independent of the per-rank batch size)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout before the heads."""
+    channels_last: bool = True
+    """Use channels_last memory format on GPU (ignored on CPU)."""
+    compile: bool = False
+    """Wrap the model in ``torch.compile``."""
+
+
+class LevelSpec(_Strict):
+    name: str
+    """Name of the level (its metrics are logged as ``val/<name>/...``)."""
+    groups: dict[str, list[str]]
+    """Group name -> fine class names; every fine class must be in at least one group."""
+
+
+class HierarchySpec(_Strict):
+    """Coarse levels over the fine classes; each level is one sigmoid head."""
+
+    levels: list[LevelSpec] = Field(
+        default_factory=lambda: [LevelSpec(name="coarse", groups={k: list(v) for k, v in DEFAULT_GROUPS.items()})]
+    )
+    """Levels of groups; the default is the plan's 5 groups."""
+
+    @model_validator(mode="after")
+    def _valid(self) -> HierarchySpec:
+        self.build()  # raises ValueError naming the culprit
+        return self
+
+    def build(self) -> Hierarchy:
+        return Hierarchy.from_config(self.model_dump())
+
+
+class LossSpec(_Strict):
+    lambda_coarse: float | list[float] = 0.2
+    """Weight of the coarse BCE term; one number for every level, or one per level."""
+
+    @field_validator("lambda_coarse")
+    @classmethod
+    def _non_negative(cls, v: float | list[float]) -> float | list[float]:
+        values = v if isinstance(v, list) else [v]
+        if any(x < 0 for x in values):
+            raise ValueError("must be >= 0 (0 disables the coarse term); the plan suggests 0.05-0.5")
+        return v
+
+
+class OptimSpec(_Strict):
+    """AdamW with linear warm-up then cosine decay."""
+
+    lr: float = Field(1e-3, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(1e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: NonNegInt = 50
+    """Steps of linear warm-up from 0 to ``lr``."""
+    min_lr_ratio: float = Field(0.05, ge=0, le=1)
+    """Final learning rate as a fraction of ``lr`` at the end of the cosine."""
+    grad_clip: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value; ``null`` disables clipping."""
+
+
+class RunSpec(_Strict):
+    """How the job runs: processes, devices, length, cadence, and where outputs go."""
+
+    name: str = "hierseg"
+    """Run name: checkpoints go to ``<storage_path>/<name>`` and it names the MLflow run."""
+    num_workers: PosInt = 2
+    """Training processes (ranks); one per GPU when ``use_gpu``."""
+    use_gpu: bool = False
+    """Train on GPUs (NCCL) instead of CPUs (gloo)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """``bf16`` autocast on GPU (loss accumulated in fp32); ignored with a warning on CPU."""
+    max_steps: PosInt
+    """Optimizer steps of the whole run."""
+    eval_every: PosInt | None = None
+    """Evaluate every N steps (and always at the end); ``null``: only at the end."""
+    checkpoint_every: PosInt | None = None
+    """Checkpoint every N steps (and always at the end); ``null``: at each evaluation."""
+    log_every: PosInt = 10
+    """Log all-reduced loss terms every N steps."""
+    seed: int = 0
+    """Seed for model init, data order and augmentation (per rank and loader worker)."""
+    storage_path: str = "./hierseg_runs"
+    """Checkpoints and Ray results (shared storage across nodes on a cluster)."""
+    keep_checkpoints: PosInt = 2
+    """Keep the best K checkpoints by ``best_metric`` (plus the latest)."""
+    best_metric: str = "val/fine/miou"
+    """Validation metric that ranks checkpoints and chooses the logged model."""
+    best_mode: Literal["max", "min"] = "max"
+    max_failures: NonNegInt = 2
+    """Worker-group restarts Ray may do from the latest checkpoint after a failure."""
+    resume: bool = True
+    """Resume from the latest checkpoint under ``<storage_path>/<name>`` if one exists."""
+
+
+class TrackingSpec(_Strict):
+    uri: str = "sqlite:///mlflow.db"
+    """MLflow tracking URI: a SQLite file, or ``http://host:port`` of an MLflow server."""
+    experiment: str = "hierseg"
+    """MLflow experiment name."""
+    run_name: str | None = None
+    """MLflow run name (default: ``run.name``)."""
+    registered_model: str | None = None
+    """Register the best checkpoint under this model name (``null``: log it, do not register)."""
+    tags: dict[str, str] = Field(default_factory=dict)
+    """Extra tags on the MLflow run (for example a sweep id)."""
+    log_model: bool = True
+    """Log the best checkpoint as an MLflow model at the end."""
+
+
+class JobSpec(_Strict):
+    """A whole training job."""
+
+    data: DataSpec
+    model: ModelSpec = ModelSpec()
+    hierarchy: HierarchySpec = HierarchySpec()
+    loss: LossSpec = LossSpec()
+    optim: OptimSpec = OptimSpec()
+    run: RunSpec
+    tracking: TrackingSpec = TrackingSpec()
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> JobSpec:
+        if self.data.batch_size % self.run.num_workers:
+            raise ValueError(
+                f"data.batch_size ({self.data.batch_size}) must be a multiple of run.num_workers "
+                f"({self.run.num_workers}): every rank takes batch_size / num_workers images"
+            )
+        if isinstance(self.loss.lambda_coarse, list) and len(self.loss.lambda_coarse) != len(self.hierarchy.levels):
+            raise ValueError(
+                f"loss.lambda_coarse has {len(self.loss.lambda_coarse)} values but hierarchy.levels has "
+                f"{len(self.hierarchy.levels)}: give one per level or a single number"
+            )
+        if self.run.precision == "bf16" and not self.run.use_gpu:
+            warnings.warn("run.precision=bf16 is ignored on CPU (run.use_gpu is false); training in fp32", stacklevel=2)
+        return self
+
+    def lambdas(self) -> list[float]:
+        lam = self.loss.lambda_coarse
+        return list(lam) if isinstance(lam, list) else [lam] * len(self.hierarchy.levels)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view of the resolved spec (MLflow params)."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# -------------------------------------------------------------------------------------------- loading
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``safe_load`` that rejects duplicate mapping keys instead of silently keeping the last."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {seen[key] + 1})", key_node.start_mark
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError([f"YAML syntax error at{where}: {problem}"], source) from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides; the value is parsed as YAML (``3`` -> int, ``[1,2]`` -> list)."""
+    errors = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            errors.append(f"override {item!r}: expected key.path=value, for example loss.lambda_coarse=0.1")
+            continue
+        parts = key.strip().split(".")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                errors.append(f"override {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
+                break
+            node = child
+        else:
+            node[parts[-1]] = parse_yaml(value, f"override {key}") if value.strip() else None
+    if errors:
+        raise SpecError(errors)
+    return raw
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The spec section class a validation error location points into."""
+    model: type[BaseModel] | None = JobSpec
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return None
+        ann = model.model_fields[part].annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return model
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = tuple(err["loc"])
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        known = list(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"did you mean {close[0]}?" if close else f"allowed keys: {', '.join(known)}"
+        return f"{path}: unknown field; {hint}"
+    if kind == "missing":
+        return f"{path}: required field is missing; add it to the spec"
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind in {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}:
+        msg = f"{msg} (got {err.get('input')!r})"
+    return f"{path}: {msg}"
+
+
+def validate_spec(raw: Any, source: str | None = None) -> JobSpec:
+    if not isinstance(raw, dict):
+        kind = "empty" if raw is None else f"a {type(raw).__name__}"
+        raise SpecError([f"the top level must be a mapping with sections data, run, ... (got {kind})"], source)
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError([_describe(err) for err in e.errors()], source) from None
+
+
+def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> JobSpec:
+    """Read a YAML job spec, apply ``key.path=value`` overrides, validate; raise :class:`SpecError`."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError([f"spec file not found: {p} (check the path passed to --spec)"], str(p))
+    text = p.read_text()
+    if not text.strip():
+        raise SpecError(["the spec file is empty; start from examples/specs/quickstart.yaml"], str(p))
+    raw = parse_yaml(text, str(p))
+    if isinstance(raw, dict):
+        raw = apply_overrides(raw, overrides)
+    return validate_spec(raw, str(p))
