@@ -65,9 +65,7 @@ def class_index(name: str | int) -> int:
     if key not in _CLASS_INDEX:
         close = difflib.get_close_matches(key, list(_CLASS_INDEX), n=1)
         hint = f" (did you mean {FINE_CLASSES[_CLASS_INDEX[close[0]]]!r}?)" if close else ""
-        raise ValueError(
-            f"unknown fine class {name!r}{hint}; known classes: {', '.join(FINE_CLASSES)}"
-        )
+        raise ValueError(f"unknown fine class {name!r}{hint}; known classes: {', '.join(FINE_CLASSES)}")
     return _CLASS_INDEX[key]
 
 
