@@ -1,0 +1,443 @@
+"""Streaming loaders: WebDataset tar shards -> ``(image [B,C,H,W] float32, label [B,H,W] int64)`` batches.
+
+Training (:func:`build_train_loader`) never ends: each rank's stream is cut into ``L = max(1, num_workers)``
+*logical workers*; logical worker ``l`` of rank ``r`` is consumer ``c = r * L + l`` of ``C = world * L``.
+In epoch ``e`` the shard list is permuted by ``(seed, e)`` and consumer ``c`` reads shards
+``perm[(c + k*C) % S]`` for ``k < ceil(S / C)``, so every consumer gets the same number of shards (a
+few repeat when ``S`` does not divide) and no rank can run dry: every rank takes as many steps as
+the loop asks (DESIGN.md invariant 3). A consumer's samples pass a shuffle buffer seeded by
+``(seed, e, c)``; sample ``i`` of that shuffled order is augmented with a generator seeded by
+``(seed, e, c, i)``. The position of a consumer is ``(epoch, i)``; the DataLoader hands out batches
+of the workers round-robin, so the global batch ``b`` comes from logical worker ``b % L``. That makes
+the whole stream a pure function of (seed, rank, world, position): :meth:`TrainStream.state_dict`
+records the positions, and a restored stream replays only shard reads (no decoding) to get there.
+
+Validation (:func:`build_val_loader`) assigns every sample an explicit global index (manifest shard
+order, then tar order); rank ``r`` takes a contiguous index range and splits it again over its loader
+workers, so each sample is seen exactly once over all ranks, with no duplication or padding.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from hierseg.spec import DataSpec
+
+MANIFEST = "manifest.json"
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+# ------------------------------------------------------------------------------------------- shard URLs
+def _is_remote(url: str) -> bool:
+    return url.startswith("pipe:") or len(urlparse(url).scheme) > 1
+
+
+def _expand_braces(url: str) -> list[str]:
+    import braceexpand
+
+    return [u for part in url.split("::") for u in braceexpand.braceexpand(part)]
+
+
+def resolve_shards(url: str) -> list[str]:
+    """Shard URLs of a folder (its manifest's shards, else ``*.tar``), glob, brace pattern, or remote URLs.
+
+    Fails here, before any worker starts, when nothing matches.
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError("shard location is empty; set data.train / data.val to a shard folder or pattern")
+    if _is_remote(url):
+        shards = _expand_braces(url)
+    elif os.path.isdir(url) or url.endswith(MANIFEST):
+        folder = Path(url).parent if url.endswith(MANIFEST) else Path(url)
+        manifest = read_manifest(str(folder))
+        names = [s["name"] for s in manifest["shards"]] if manifest else sorted(p.name for p in folder.glob("*.tar"))
+        shards = [str(folder / n) for n in names]
+        missing = [s for s in shards if not os.path.isfile(s)]
+        if missing:
+            raise ValueError(f"{folder}/{MANIFEST} lists shard {missing[0]} which does not exist; rebuild the shards")
+    else:
+        shards = []
+        for part in _expand_braces(url):
+            if glob.has_magic(part):
+                shards += sorted(glob.glob(part))
+            elif os.path.isfile(part):
+                shards.append(part)
+            else:
+                raise ValueError(f"shard {part} (from {url!r}) does not exist; check data.train / data.val")
+    if not shards:
+        raise ValueError(f"no shards found for {url!r}; build them with `hierseg make-shards` or fix the pattern")
+    return shards
+
+
+def read_manifest(url: str) -> dict | None:
+    """The ``manifest.json`` of a shard folder (or next to a local glob's shards); None when there is none."""
+    if not isinstance(url, str) or _is_remote(url):
+        return None
+    if url.endswith(MANIFEST):
+        path = Path(url)
+    elif os.path.isdir(url):
+        path = Path(url) / MANIFEST
+    else:
+        first = next(iter(sorted(glob.glob(_expand_braces(url)[0]))), None)
+        if first is None:
+            return None
+        path = Path(first).parent / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); rebuild the shards") from None
+
+
+# --------------------------------------------------------------------------------------------- reading
+def _open(url: str):
+    from webdataset.gopen import gopen, gopen_schemes
+
+    if url.startswith("pipe:") or not _is_remote(url) or urlparse(url).scheme in gopen_schemes:
+        return gopen(url, "rb")
+    import fsspec
+
+    return fsspec.open(url, "rb").open()
+
+
+def iter_raw_samples(url: str) -> Iterator[dict[str, Any]]:
+    """Undecoded samples (``{"__key__", "__url__", "image.npy", "label.npy", "json"}``) of one tar shard."""
+    from webdataset import tariterators
+
+    stream = _open(url)
+    try:
+        files = ({**f, "__url__": url} for f in tariterators.tar_file_iterator(stream))
+        yield from tariterators.group_by_keys(files)
+    finally:
+        stream.close()
+
+
+def decode_sample(raw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``float32 [C,H,W]`` image (uint8 scaled to [0, 1]) and ``int64 [H,W]`` label (-1 = uncertain)."""
+    for part in ("image.npy", "label.npy"):
+        if part not in raw:
+            raise ValueError(f"missing member {part} (has {sorted(k for k in raw if not k.startswith('__'))})")
+    image = np.load(io.BytesIO(raw["image.npy"]), allow_pickle=False)
+    label = np.load(io.BytesIO(raw["label.npy"]), allow_pickle=False)
+    if image.ndim == 2:
+        image = image[None]
+    if image.ndim != 3 or label.ndim != 2 or image.shape[1:] != label.shape:
+        raise ValueError(f"image shape {image.shape} does not fit label shape {label.shape}")
+    if label.dtype.kind not in "iu" or (label.size and label.min() < -1):
+        raise ValueError(f"label must be integers >= -1, got dtype {label.dtype}")
+    img = torch.from_numpy(image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32))
+    return img, torch.from_numpy(label.astype(np.int64))
+
+
+class BadSamplePolicy:
+    """``stop``: raise naming shard and key; ``skip``: warn with a running count."""
+
+    def __init__(self, mode: str):
+        self.mode, self.skipped = mode, 0
+
+    def __call__(self, url: str, key: str | None, err: Exception) -> None:
+        what = f"sample {key!r} in shard {url}" if key else f"shard {url}"
+        if self.mode == "stop":
+            raise ValueError(
+                f"bad {what}: {err}; rebuild the shard, or set data.on_bad_sample=skip to skip bad samples"
+            ) from None
+        self.skipped += 1
+        warnings.warn(f"skipping bad {what}: {err} ({self.skipped} skipped so far)", stacklevel=3)
+
+
+def _guarded_samples(url: str, policy: BadSamplePolicy) -> Iterator[dict[str, Any]]:
+    """Raw samples of a shard; a truncated/unreadable tar goes through the bad-sample policy."""
+    try:
+        yield from iter_raw_samples(url)
+    except Exception as e:
+        policy(url, None, e)
+
+
+def _decode_or_none(raw: dict[str, Any], policy: BadSamplePolicy) -> tuple[torch.Tensor, torch.Tensor] | None:
+    try:
+        return decode_sample(raw)
+    except Exception as e:
+        policy(raw.get("__url__", "?"), raw.get("__key__"), e)
+        return None
+
+
+# -------------------------------------------------------------------------------------------- training
+def _seed(*parts: int) -> int:
+    """A 63-bit seed from integer parts (stable across processes and Python versions)."""
+    return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def _shuffled(items: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
+    """Streaming shuffle through a buffer of ``size`` items (0 or 1: no shuffle)."""
+    if size <= 1:
+        yield from items
+        return
+    buf: list[Any] = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = int(rng.integers(size))
+        buf[j], item = item, buf[j]
+        yield item
+    for j in rng.permutation(len(buf)):
+        yield buf[j]
+
+
+def class_weights(manifest: dict | None) -> torch.Tensor:
+    """Per-class weights ``sqrt(f_max / f_k)`` from the manifest's valid-pixel histogram (0 for absent classes)."""
+    if not manifest or "class_histogram" not in manifest:
+        raise ValueError(
+            "data.class_balanced needs the shards' manifest.json (class_histogram); point data.train at its folder"
+        )
+    hist = torch.tensor(manifest["class_histogram"], dtype=torch.float64)
+    w = torch.where(hist > 0, (hist.max() / hist.clamp_min(1)).sqrt(), torch.zeros_like(hist))
+    return w.to(torch.float32)
+
+
+class _TrainSource(IterableDataset):
+    """One rank's infinite batch stream; each DataLoader worker plays one logical worker."""
+
+    def __init__(self, shards: list[str], cfg: dict[str, Any], start: dict[int, tuple[int, int]], offset: int):
+        super().__init__()
+        self.shards, self.cfg, self.start, self.offset = shards, cfg, start, offset
+
+    def _epoch_shards(self, epoch: int, consumer: int, consumers: int) -> list[str]:
+        n = len(self.shards)
+        perm = np.random.default_rng(_seed(self.cfg["seed"], epoch, 0x5A4D)).permutation(n)
+        return [self.shards[perm[(consumer + k * consumers) % n]] for k in range(math.ceil(n / consumers))]
+
+    def _raw(self, epoch: int, consumer: int, consumers: int, policy: BadSamplePolicy) -> Iterator[dict]:
+        raws = (r for url in self._epoch_shards(epoch, consumer, consumers) for r in _guarded_samples(url, policy))
+        rng = np.random.default_rng(_seed(self.cfg["seed"], epoch, consumer, 0x5F))
+        return _shuffled(raws, self.cfg["shuffle_buffer"], rng)
+
+    def _prepare(self, raw: dict, gen: torch.Generator, policy: BadSamplePolicy) -> Batch | None:
+        """Decode, drop all-uncertain patches, class-balanced acceptance, augmentation."""
+        sample = _decode_or_none(raw, policy)
+        if sample is None:
+            return None
+        image, label = sample
+        valid = label >= 0
+        if not valid.any():
+            return None
+        weights = self.cfg["class_weights"]
+        if weights is not None:
+            accept = max(0.05, float(weights[label[valid]].mean() / weights.max()))
+            if float(torch.rand((), generator=gen)) >= accept:
+                return None
+        if self.cfg["augment"] is not None:
+            from hierseg.data.augment import augment
+
+            image, label = augment(image, label, self.cfg["augment"], gen)
+        return image, label
+
+    def __iter__(self) -> Iterator[tuple[Batch, tuple[int, int, int]]]:
+        info = get_worker_info()
+        logical_workers = self.cfg["logical_workers"]
+        lw = ((info.id if info else 0) + self.offset) % logical_workers
+        consumer = self.cfg["rank"] * logical_workers + lw
+        consumers = self.cfg["world_size"] * logical_workers
+        policy = BadSamplePolicy(self.cfg["on_bad_sample"])
+        epoch, skip = self.start.get(lw, (0, 0))
+        pending: list[Batch] = []
+        while True:
+            kept = 0
+            for i, raw in enumerate(self._raw(epoch, consumer, consumers, policy)):
+                if i < skip:
+                    continue
+                gen = torch.Generator().manual_seed(_seed(self.cfg["seed"], epoch, consumer, i))
+                sample = self._prepare(raw, gen, policy)
+                if sample is None:
+                    continue
+                kept += 1
+                pending.append(sample)
+                if len(pending) == self.cfg["batch_size"]:
+                    batch = (torch.stack([s[0] for s in pending]), torch.stack([s[1] for s in pending]))
+                    pending = []
+                    yield batch, (lw, epoch, i + 1)
+            if kept == 0 and skip == 0:
+                raise ValueError(
+                    f"rank {self.cfg['rank']} loader worker {lw}: a whole epoch of shards {self.shards[:3]}... "
+                    "gave no usable training patch (all uncertain, or all bad); check the shards"
+                )
+            epoch, skip = epoch + 1, 0
+
+
+class TrainStream:
+    """Infinite, resumable per-rank batch stream: ``for image, label in stream`` never stops."""
+
+    def __init__(self, shards: list[str], cfg: dict[str, Any], num_workers: int):
+        self.shards, self.cfg, self.num_workers = shards, cfg, num_workers
+        self.logical_workers = cfg["logical_workers"]
+        self.batches = 0
+        self.positions: dict[int, tuple[int, int]] = {lw: (0, 0) for lw in range(self.logical_workers)}
+
+    @property
+    def epoch(self) -> int:
+        """Slowest logical worker's epoch (each worker passes over its own share of the shards)."""
+        return min(e for e, _ in self.positions.values())
+
+    def __iter__(self) -> Iterator[Batch]:
+        source = _TrainSource(self.shards, self.cfg, dict(self.positions), self.batches % self.logical_workers)
+        loader = DataLoader(
+            source,
+            batch_size=None,
+            num_workers=self.num_workers,
+            prefetch_factor=2 if self.num_workers else None,
+            persistent_workers=False,
+        )
+        for batch, (lw, epoch, pos) in loader:
+            self.positions[lw] = (epoch, pos)
+            self.batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "epoch": self.epoch,
+            "positions": [[lw, e, p] for lw, (e, p) in sorted(self.positions.items())],
+            "logical_workers": self.logical_workers,
+            "rank": self.cfg["rank"],
+            "world_size": self.cfg["world_size"],
+            "seed": self.cfg["seed"],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position; exact when rank/world/workers/seed match, else restart at the saved epoch."""
+        same = all(state.get(k) == v for k, v in self._layout().items())
+        if same:
+            self.batches = int(state["batches"])
+            self.positions = {int(lw): (int(e), int(p)) for lw, e, p in state["positions"]}
+            return
+        warnings.warn(
+            f"loader state was saved with {state.get('world_size')} ranks x {state.get('logical_workers')} "
+            f"workers (seed {state.get('seed')}); now {self._layout()}: resuming at the start of epoch "
+            f"{state.get('epoch', 0)}, not at the exact sample",
+            stacklevel=2,
+        )
+        epoch = int(state.get("epoch", 0))
+        self.batches = int(state.get("batches", 0))
+        self.positions = {lw: (epoch, 0) for lw in range(self.logical_workers)}
+
+    def _layout(self) -> dict[str, int]:
+        keys = ("world_size", "seed")
+        return {"logical_workers": self.logical_workers} | {k: self.cfg[k] for k in keys}
+
+
+def build_train_loader(
+    data: DataSpec, *, rank: int, world_size: int, batch_size: int, seed: int, augment: bool = True
+) -> TrainStream:
+    """The rank's infinite training stream of ``batch_size`` (per-rank) batches."""
+    shards = resolve_shards(data.train)
+    weights = class_weights(read_manifest(data.train)) if data.class_balanced else None
+    cfg = {
+        "seed": seed,
+        "rank": rank,
+        "world_size": world_size,
+        "batch_size": batch_size,
+        "logical_workers": max(1, data.num_workers),
+        "shuffle_buffer": data.shuffle_buffer,
+        "augment": data.augment if augment else None,
+        "class_weights": weights,
+        "on_bad_sample": data.on_bad_sample,
+    }
+    return TrainStream(shards, cfg, data.num_workers)
+
+
+# ------------------------------------------------------------------------------------------ validation
+def _split_range(start: int, stop: int, parts: int, index: int) -> tuple[int, int]:
+    n = stop - start
+    return start + n * index // parts, start + n * (index + 1) // parts
+
+
+def shard_counts(url: str, shards: list[str]) -> list[int]:
+    """Samples per shard: from the manifest when it lists these shards, else by reading the tars."""
+    manifest = read_manifest(url)
+    if manifest:
+        by_name = {s["name"]: int(s["num_samples"]) for s in manifest.get("shards", [])}
+        if all(Path(s).name in by_name for s in shards):
+            return [by_name[Path(s).name] for s in shards]
+    return [sum(1 for _ in iter_raw_samples(s)) for s in shards]
+
+
+class _ValSource(IterableDataset):
+    """Samples with global index in ``[start, stop)``, split further over DataLoader workers."""
+
+    def __init__(self, shards, counts, start, stop, batch_size, on_bad_sample):
+        super().__init__()
+        self.shards, self.counts, self.start, self.stop = shards, counts, start, stop
+        self.batch_size, self.on_bad_sample = batch_size, on_bad_sample
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        a, b = _split_range(self.start, self.stop, info.num_workers if info else 1, info.id if info else 0)
+        policy = BadSamplePolicy(self.on_bad_sample)
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        offset = 0
+        for url, count in zip(self.shards, self.counts):
+            lo, hi = max(a, offset), min(b, offset + count)
+            if lo < hi:
+                seen = 0
+                for j, raw in enumerate(_guarded_samples(url, policy)):
+                    seen = j + 1
+                    if lo <= offset + j < hi and (sample := _decode_or_none(raw, policy)) is not None:
+                        pending.append(sample)
+                        if len(pending) == self.batch_size:
+                            yield _stack(pending)
+                            pending = []
+                if seen != count and self.on_bad_sample == "stop":
+                    raise ValueError(f"shard {url} holds {seen} samples but the manifest says {count}; rebuild")
+            offset += count
+        if pending:
+            yield _stack(pending)
+
+
+def _stack(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> Batch:
+    return torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
+
+
+class ValLoader:
+    """This rank's share of the validation set; over all ranks every sample appears exactly once."""
+
+    def __init__(self, shards: list[str], counts: list[int], rank: int, world_size: int, batch_size: int, data):
+        self.start, self.stop = _split_range(0, sum(counts), world_size, rank)
+        self.num_workers = data.num_workers
+        self.source = _ValSource(shards, counts, self.start, self.stop, batch_size, data.on_bad_sample)
+        parts = max(1, self.num_workers)
+        sizes = [b - a for a, b in (_split_range(self.start, self.stop, parts, w) for w in range(parts))]
+        self._len = sum(math.ceil(n / batch_size) for n in sizes)
+
+    @property
+    def num_samples(self) -> int:
+        return self.stop - self.start
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.num_samples == 0:
+            return iter(())
+        workers = min(self.num_workers, self.num_samples)
+        loader = DataLoader(self.source, batch_size=None, num_workers=workers, persistent_workers=False)
+        return iter(loader)
+
+
+def build_val_loader(data: DataSpec, *, rank: int, world_size: int, batch_size: int) -> ValLoader:
+    """Un-augmented batches of this rank's contiguous share of the validation samples (last batch may be short)."""
+    shards = resolve_shards(data.val)
+    return ValLoader(shards, shard_counts(data.val, shards), rank, world_size, batch_size, data)

@@ -1,0 +1,494 @@
+"""Shard builder: images/volumes + labels -> WebDataset tar shards of 2D patches, one folder per split.
+
+``hierseg make-shards`` (or ``python jobs/make_shards.py``) reads the inputs once, maps label values
+through a :class:`~hierseg.data.labelmap.LabelMap`, cuts patches, splits by group (a regex over file
+names, or z slab ranges of a stack with a gap) and writes per split::
+
+    <out>/<split>/shard-000000.tar ...   samples <source>_<index>.{image.npy,label.npy,json}
+    <out>/<split>/manifest.json          counts, class histogram of valid pixels, label map, sources, command
+
+Design choices and why:
+- Labels are stored as int16 ``.npy`` (never PNG): -1 survives, and no decoder can turn them into RGB floats.
+- Each shard is written to a hidden temporary name and renamed when complete; the manifest is written
+  last. An interrupted run therefore never leaves a half shard that looks whole.
+- Tar members carry fixed mtime/uid/gid/mode and samples are written in a fixed order, and the manifest
+  holds no timestamps: the same command on the same inputs gives byte-identical output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+import os
+import re
+import shlex
+import sys
+import tarfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hierseg.data.io import file_sha256, list_images, read_array, split_source
+from hierseg.data.labelmap import LabelMap, histogram
+from hierseg.labels import FINE_CLASSES, NUM_FINE_CLASSES
+
+MANIFEST = "manifest.json"
+FORMAT = "hierseg-shards/1"
+SPLITS = ("train", "val", "test")
+_SHARD_RE = re.compile(r"^shard-\d{6}\.tar$")
+
+
+# --------------------------------------------------------------------------------------------- writing
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_sample(key: str, image: np.ndarray, label: np.ndarray, meta: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """Tar members of one sample: image ``[C,H,W]`` (uint8 or float32), label int16 ``[H,W]``, meta JSON."""
+    meta_bytes = json.dumps(meta, sort_keys=True).encode()
+    return [
+        (f"{key}.image.npy", _npy_bytes(image)),
+        (f"{key}.json", meta_bytes),
+        (f"{key}.label.npy", _npy_bytes(label.astype(np.int16))),
+    ]
+
+
+def write_tar_atomic(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """Write a reproducible tar (fixed metadata) under a temporary name, fsync, then rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclass
+class ShardSink:
+    """Accumulates samples of one split and cuts them into shards of about ``max_bytes``."""
+
+    out_dir: Path
+    max_bytes: int = 64 << 20
+    max_samples: int | None = None
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    hist: np.ndarray = field(default_factory=lambda: np.zeros(NUM_FINE_CLASSES, np.int64))
+    num_uncertain: int = 0
+    num_samples: int = 0
+    _members: list[tuple[str, bytes]] = field(default_factory=list)
+    _count: int = 0
+    _bytes: int = 0
+
+    def add(self, key: str, image: np.ndarray, label: np.ndarray, meta: dict[str, Any]) -> None:
+        members = encode_sample(key, image, label, meta)
+        self._members += members
+        self._count += 1
+        self._bytes += sum(len(d) + 512 for _, d in members)
+        h, u = histogram(label)
+        self.hist += h
+        self.num_uncertain += u
+        self.num_samples += 1
+        if self._bytes >= self.max_bytes or (self.max_samples and self._count >= self.max_samples):
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._count:
+            return
+        name = f"shard-{len(self.shards):06d}.tar"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_tar_atomic(self.out_dir / name, self._members)
+        self.shards.append({"name": name, "num_samples": self._count})
+        self._members, self._count, self._bytes = [], 0, 0
+
+    def close(self) -> None:
+        self._flush()
+
+    def manifest(self, patch_shape: list[int], channels: int, **extra: Any) -> dict[str, Any]:
+        """The split's manifest (DESIGN.md's required fields first, then provenance)."""
+        return {
+            "format": FORMAT,
+            "num_samples": self.num_samples,
+            "patch_shape": list(patch_shape),
+            "channels": channels,
+            "class_names": list(FINE_CLASSES),
+            "class_histogram": [int(x) for x in self.hist],
+            "num_uncertain_pixels": int(self.num_uncertain),
+            "shards": self.shards,
+            "hierseg_version": _version(),
+            **extra,
+        }
+
+
+def _version() -> str:
+    try:
+        from hierseg import __version__
+    except ImportError:  # a broken editable install can leave hierseg a namespace package
+        from importlib.metadata import version
+
+        return version("hierseg")
+    return __version__
+
+
+def prepare_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to mix new shards with old ones unless ``--overwrite``; then remove only our own files."""
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"output folder {out} is not empty; choose a new folder or pass --overwrite")
+        for s in SPLITS:
+            for p in _our_files(out / s):
+                p.unlink()
+
+
+def _our_files(d: Path) -> list[Path]:
+    if not d.is_dir():
+        return []
+    return [p for p in d.iterdir() if _SHARD_RE.match(p.name) or p.name == MANIFEST or p.name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+@dataclass
+class Source:
+    """One image/label pair (2D image or 3D stack) and the group that decides its split."""
+
+    name: str
+    image: str
+    label: str
+    group: str
+
+
+def discover_pairs(images: Path, labels: Path, group_regex: str | None) -> list[Source]:
+    """Pair a folder of images with a folder of labels by file stem."""
+    img_files = list_images(images)
+    if not img_files:
+        raise ValueError(f"no images found in {images} (expected {', '.join(('.png', '.tif', '.npy'))} files)")
+    label_by_stem = {p.stem: p for p in list_images(labels)}
+    pattern = re.compile(group_regex) if group_regex else None
+    sources = []
+    for p in img_files:
+        if p.stem not in label_by_stem:
+            raise ValueError(f"image {p} has no label file named {p.stem}.* in {labels}")
+        group = p.stem
+        if pattern is not None:
+            m = pattern.search(p.name)
+            if not m:
+                raise ValueError(f"--group-regex {group_regex!r} does not match file name {p.name}")
+            group = m.group(0)
+        sources.append(Source(_safe_name(p.stem), str(p), str(label_by_stem[p.stem]), group))
+    return sources
+
+
+def _safe_name(stem: str) -> str:
+    """Keys split at the first '.', so dots (and odd characters) in source names become '_'."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", stem)
+
+
+def load_pair(src: Source, label_map: LabelMap, axis: int) -> tuple[np.ndarray, np.ndarray, dict[int, int]]:
+    """Read image + label, check shapes, map labels; returns ``[Z,H,W]`` image, int64 label, unmapped counts."""
+    image, label = read_array(src.image), read_array(src.label)
+    if image.shape != label.shape:
+        raise ValueError(
+            f"image {src.image} has shape {image.shape} but label {src.label} has shape {label.shape}; "
+            "they must match pixel for pixel"
+        )
+    if image.ndim not in (2, 3):
+        raise ValueError(f"image {src.image} has {image.ndim} dimensions; expected a 2D image or a 3D stack")
+    mapped, unmapped = label_map.apply(label, where=f"label {src.label}")
+    if image.ndim == 2:
+        return image[None], mapped[None], unmapped
+    return np.moveaxis(image, axis, 0), np.moveaxis(mapped, axis, 0), unmapped
+
+
+def to_storage_dtype(image: np.ndarray) -> np.ndarray:
+    """uint8 stays uint8 (4x smaller shards); other integer types scale to float32 [0, 1]; floats stay."""
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype.kind in "ui":
+        return (image.astype(np.float32) / np.iinfo(image.dtype).max).astype(np.float32)
+    return image.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- splits
+def split_groups(groups: list[str], val_frac: float, test_frac: float, seed: int) -> dict[str, str]:
+    """Assign whole groups (e.g. mice) to splits, shuffled by ``seed``: no group on two sides."""
+    uniq = sorted(set(groups))
+    order = [uniq[i] for i in np.random.default_rng(seed).permutation(len(uniq))]
+    n_val = max(1, round(val_frac * len(uniq))) if val_frac > 0 else 0
+    n_test = max(1, round(test_frac * len(uniq))) if test_frac > 0 else 0
+    if n_val + n_test >= len(uniq):
+        raise ValueError(
+            f"only {len(uniq)} group(s) ({', '.join(uniq)}): not enough for train + val + test; "
+            "lower --val-frac/--test-frac or use a finer --group-regex"
+        )
+    assign = {g: "val" for g in order[:n_val]}
+    assign |= {g: "test" for g in order[n_val : n_val + n_test]}
+    return assign | {g: "train" for g in order[n_val + n_test :]}
+
+
+def parse_slabs(text: str) -> dict[str, tuple[int, int]]:
+    """``train=0:12,val=14:20`` -> {'train': (0, 12), 'val': (14, 20)} (half-open slice ranges)."""
+    slabs = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        m = re.fullmatch(r"(train|val|test)=(\d+):(\d+)", part)
+        if not m or int(m.group(2)) >= int(m.group(3)):
+            raise ValueError(f"--slabs entry {part!r}: expected split=start:stop with start < stop, e.g. val=14:20")
+        slabs[m.group(1)] = (int(m.group(2)), int(m.group(3)))
+    return slabs
+
+
+def fraction_slabs(depth: int, val_frac: float, test_frac: float, gap: int) -> dict[str, tuple[int, int]]:
+    """Contiguous z ranges train | gap | val | gap | test, so context slices never cross a split."""
+    n_val = max(1, round(val_frac * depth)) if val_frac > 0 else 0
+    n_test = max(1, round(test_frac * depth)) if test_frac > 0 else 0
+    n_train = depth - n_val - n_test - gap * ((n_val > 0) + (n_test > 0))
+    if n_train < 1:
+        raise ValueError(f"a stack of {depth} slices is too thin for these fractions and --gap {gap}")
+    slabs = {"train": (0, n_train)}
+    start = n_train + gap
+    if n_val:
+        slabs["val"] = (start, start + n_val)
+        start += n_val + gap
+    if n_test:
+        slabs["test"] = (start, start + n_test)
+    return slabs
+
+
+def check_slab_gaps(slabs: dict[str, tuple[int, int]], gap: int) -> None:
+    ranges = sorted((a, b, s) for s, (a, b) in slabs.items())
+    for (_, b0, s0), (a1, _, s1) in itertools.pairwise(ranges):
+        if a1 - b0 < gap:
+            raise ValueError(f"--slabs: {s0} ends at {b0} and {s1} starts at {a1}: need a gap of >= {gap} slices")
+
+
+# --------------------------------------------------------------------------------------------- patches
+def patch_starts(n: int, size: int, stride: int) -> list[int]:
+    """Patch origins along one axis; the last patch is aligned to the end so every pixel is covered."""
+    starts = list(range(0, n - size + 1, stride))
+    if starts[-1] != n - size:
+        starts.append(n - size)
+    return starts
+
+
+def iter_patches(
+    image: np.ndarray, label: np.ndarray, z: int, size: int, stride: int, context: int
+) -> Iterable[tuple[np.ndarray, np.ndarray, int, int]]:
+    """``[C,size,size]`` image patches (2.5D: slices z-context..z+context, edge-clamped) with labels of slice z."""
+    depth, h, w = image.shape
+    if h < size or w < size:
+        raise ValueError(f"slice of shape {(h, w)} is smaller than --patch-size {size}; use a smaller patch size")
+    zs = np.clip(np.arange(z - context, z + context + 1), 0, depth - 1)
+    stack = image[zs]
+    for y in patch_starts(h, size, stride):
+        for x in patch_starts(w, size, stride):
+            yield stack[:, y : y + size, x : x + size], label[z, y : y + size, x : x + size], y, x
+
+
+# --------------------------------------------------------------------------------------------- builder
+@dataclass
+class BuildConfig:
+    """Everything that decides the output bytes (recorded in the manifests)."""
+
+    patch_size: int = 256
+    stride: int | None = None
+    axis: int = 0
+    context: int = 0
+    min_valid: float = 0.01
+    shard_mb: float = 64.0
+    samples_per_shard: int | None = None
+
+
+def build_shards(
+    sources: list[Source],
+    assign: Any,
+    out: Path,
+    label_map: LabelMap,
+    cfg: BuildConfig,
+    provenance: dict[str, Any],
+) -> dict[str, dict[str, Any]]:
+    """Cut every (source, slice) into patches, route it to its split, write shards and manifests.
+
+    ``assign(source, z) -> split name | None`` decides the split of each slice (None: in a gap).
+    Returns the manifests by split.
+    """
+    from tqdm import tqdm
+
+    stride = cfg.stride or cfg.patch_size
+    sinks: dict[str, ShardSink] = {}
+    dropped: dict[str, int] = {}
+    used: dict[str, list[dict[str, Any]]] = {}
+    unmapped_total: dict[int, int] = {}
+    for src in tqdm(sources, desc="make-shards", unit="volume", file=sys.stderr):
+        image, label, unmapped = load_pair(src, label_map, cfg.axis)
+        for v, n in unmapped.items():
+            unmapped_total[v] = unmapped_total.get(v, 0) + n
+        image = to_storage_dtype(image)
+        index = 0
+        for z in range(image.shape[0]):
+            split = assign(src, z)
+            if split is None:
+                continue
+            if split not in sinks:
+                sinks[split] = ShardSink(out / split, int(cfg.shard_mb * (1 << 20)), cfg.samples_per_shard)
+                dropped[split], used[split] = 0, []
+            if not used[split] or used[split][-1]["name"] != src.name:
+                used[split].append(_source_record(src, image.shape))
+            for patch, lab, y, x in iter_patches(image, label, z, cfg.patch_size, stride, cfg.context):
+                if (lab >= 0).mean() < cfg.min_valid:
+                    dropped[split] += 1
+                    continue
+                meta = {"source": src.name, "slice": z, "y": y, "x": x}
+                sinks[split].add(f"{src.name}_{index:06d}", patch, lab, meta)
+                index += 1
+    if unmapped_total:
+        print(f"warning: unmapped label values turned uncertain (pixels): {unmapped_total}", file=sys.stderr)
+    return _finish(sinks, dropped, used, label_map, cfg, provenance, unmapped_total)
+
+
+def _source_record(src: Source, shape: tuple[int, ...]) -> dict[str, Any]:
+    return {
+        "name": src.name,
+        "group": src.group,
+        "image": src.image,
+        "image_sha256": file_sha256(split_source(src.image)[0]),
+        "label": src.label,
+        "label_sha256": file_sha256(split_source(src.label)[0]),
+        "shape": list(shape),
+    }
+
+
+def _finish(sinks, dropped, used, label_map, cfg, provenance, unmapped) -> dict[str, dict[str, Any]]:
+    if not sinks or not any(s.num_samples for s in sinks.values()):
+        raise ValueError("no patches were written: the inputs are empty or every patch was dropped by --min-valid")
+    manifests = {}
+    for split, sink in sinks.items():
+        sink.close()
+        if not sink.num_samples:
+            raise ValueError(f"split {split!r} got no patches (all dropped by --min-valid {cfg.min_valid}?)")
+        manifests[split] = sink.manifest(
+            [cfg.patch_size, cfg.patch_size],
+            2 * cfg.context + 1,
+            split=split,
+            num_dropped_patches=dropped[split],
+            label_map=label_map.to_manifest(),
+            label_sets=[],
+            unmapped_pixels={str(k): v for k, v in sorted(unmapped.items())},
+            build={**cfg.__dict__, "stride": cfg.stride or cfg.patch_size},
+            sources=used[split],
+            **provenance,
+        )
+        write_json_atomic(sink.out_dir / MANIFEST, manifests[split])
+    return manifests
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hierseg make-shards",
+        description="Convert EM images/volumes + label images/volumes into WebDataset shards per split.",
+    )
+    p.add_argument("--images", required=True, help="folder of 2D images, or (with --stack) one volume")
+    p.add_argument("--labels", required=True, help="folder of label images (same stems), or one label volume")
+    p.add_argument("--out", required=True, type=Path, help="output folder; gets train/ val/ [test/]")
+    p.add_argument("--stack", action="store_true", help="inputs are one 3D stack each (TIFF, slice folder, h5, zarr)")
+    p.add_argument("--label-map", help="YAML label map (default: identity 0..11, 255 -> uncertain)")
+    p.add_argument("--unmapped", choices=["error", "uncertain"], help="policy for label values the map lacks")
+    p.add_argument("--patch-size", type=int, default=256)
+    p.add_argument("--stride", type=int, help="patch stride (default: patch size)")
+    p.add_argument("--axis", type=int, default=0, choices=[0, 1, 2], help="stack axis to slice along")
+    p.add_argument("--context", type=int, default=0, help="2.5D: +-N neighbouring slices as extra channels")
+    p.add_argument("--min-valid", type=float, default=0.01, help="drop patches with a lower valid-pixel fraction")
+    p.add_argument("--group-regex", help="regex over file names giving the split group, e.g. 'sub-[^_]+'")
+    p.add_argument("--slabs", help="stack split as z ranges, e.g. train=0:12,val=14:20")
+    p.add_argument("--val-frac", type=float, default=0.2)
+    p.add_argument("--test-frac", type=float, default=0.0)
+    p.add_argument("--gap", type=int, help="slices left out between stack slabs (default: max(1, context))")
+    p.add_argument("--seed", type=int, default=0, help="seed of the group split")
+    p.add_argument("--shard-mb", type=float, default=64.0, help="target shard size in MiB")
+    p.add_argument("--samples-per-shard", type=int, help="cap on samples per shard")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    return p
+
+
+def _plan(args: argparse.Namespace) -> tuple[list[Source], Any, dict[str, Any]]:
+    """Sources, the split function, and the split record for the manifest."""
+    if not args.stack:
+        sources = discover_pairs(Path(args.images), Path(args.labels), args.group_regex)
+        groups = split_groups([s.group for s in sources], args.val_frac, args.test_frac, args.seed)
+        record = {"method": "group", "group_regex": args.group_regex, "seed": args.seed}
+        record |= {"val_frac": args.val_frac, "test_frac": args.test_frac}
+        record["groups"] = {s: sorted(g for g, v in groups.items() if v == s) for s in SPLITS}
+        return sources, lambda src, z: groups[src.group], record
+    for spec in (args.images, args.labels):
+        if not split_source(spec)[0].exists():
+            raise ValueError(f"input {spec} does not exist; check the path")
+    src = Source(_safe_name(split_source(args.images)[0].stem), args.images, args.labels, "stack")
+    gap = max(1, args.context) if args.gap is None else args.gap
+    if gap < args.context:
+        raise ValueError(f"--gap {gap} is smaller than --context {args.context}: context slices would leak")
+    depth = _stack_depth(src, args.axis)
+    slabs = parse_slabs(args.slabs) if args.slabs else fraction_slabs(depth, args.val_frac, args.test_frac, gap)
+    check_slab_gaps(slabs, gap)
+    for s, (a, b) in slabs.items():
+        if b > depth:
+            raise ValueError(f"--slabs {s}={a}:{b} exceeds the stack depth {depth} along axis {args.axis}")
+    record = {"method": "slabs", "axis": args.axis, "gap": gap, "slabs": {k: list(v) for k, v in slabs.items()}}
+
+    def assign(_: Source, z: int) -> str | None:
+        return next((s for s, (a, b) in slabs.items() if a <= z < b), None)
+
+    return [src], assign, record
+
+
+def _stack_depth(src: Source, axis: int) -> int:
+    arr = read_array(src.image)
+    if arr.ndim != 3:
+        raise ValueError(f"--stack: {src.image} has shape {arr.shape}, not a 3D stack")
+    return arr.shape[axis]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)
+    try:
+        label_map = LabelMap.from_yaml(args.label_map) if args.label_map else LabelMap.default()
+        if args.unmapped:
+            label_map.unmapped = args.unmapped
+        sources, assign, split_record = _plan(args)
+        prepare_out_dir(args.out, args.overwrite)
+        cfg = BuildConfig(
+            args.patch_size, args.stride, args.axis, args.context, args.min_valid, args.shard_mb, args.samples_per_shard
+        )
+        # --overwrite does not change the output, so a forced rerun stays byte-identical
+        command = "hierseg make-shards " + shlex.join(a for a in argv if a != "--overwrite")
+        provenance = {"split_config": split_record, "command": command}
+        manifests = build_shards(sources, assign, args.out, label_map, cfg, provenance)
+    except ValueError as e:
+        print(f"hierseg make-shards: error: {e}", file=sys.stderr)
+        return 2
+    for split, m in manifests.items():
+        print(
+            f"{split}: {m['num_samples']} patches in {len(m['shards'])} shard(s), "
+            f"{m['num_dropped_patches']} dropped (valid fraction < {args.min_valid}) -> {args.out / split}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Streaming loaders: exactly-once validation over real processes, resume, filtering, bad samples."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hierseg.data.augment import augment
+from hierseg.data.loader import build_train_loader, build_val_loader, iter_raw_samples, resolve_shards
+from hierseg.data.shards import write_tar_atomic
+from hierseg.spec import AugmentSpec, DataSpec
+from tests.data_helpers import build, digest, write_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("loader")
+    write_pairs(root, 5)
+    # 5 images x 4 patches = 20 samples in 5 shards (odd), all in one split; min-valid 0 keeps all-uncertain ones
+    assert build(root, root / "s", "--val-frac", "0", "--samples-per-shard", "4", "--min-valid", "0") == 0
+    return root / "s" / "train"
+
+
+def test_resolve_shards_forms_and_errors(shard_dir) -> None:
+    assert len(resolve_shards(str(shard_dir))) == 5
+    assert len(resolve_shards(str(shard_dir / "shard-*.tar"))) == 5
+    assert len(resolve_shards(str(shard_dir / "shard-{000000..000002}.tar"))) == 3
+    assert resolve_shards(f"pipe:cat {shard_dir}/shard-00000{{0..1}}.tar") == [
+        f"pipe:cat {shard_dir}/shard-000000.tar",
+        f"pipe:cat {shard_dir}/shard-000001.tar",
+    ]
+    with pytest.raises(ValueError, match="no shards found for .*nothing-"):
+        resolve_shards(str(shard_dir / "nothing-*.tar"))
+
+
+def test_two_ranks_two_workers_exactly_once(shard_dir, tmp_path) -> None:
+    all_samples = [
+        digest(torch.from_numpy(np.load(io.BytesIO(r["image.npy"]))).float() / 255)
+        for url in resolve_shards(str(shard_dir))
+        for r in iter_raw_samples(url)
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests._data_rank_worker", str(shard_dir), str(r), "2", str(tmp_path / f"{r}.json")],
+            cwd=ROOT,
+            env=env,
+        )
+        for r in range(2)
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    results = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    seen = results[0]["val"] + results[1]["val"]
+    assert sorted(seen) == sorted(all_samples) and len(set(seen)) == 20
+    assert [r["train_steps"] for r in results] == [25, 25]
+    assert sum(r["val_batches"] for r in results) == 8  # each rank: 10 samples -> workers 5+5 -> 2+2 batches of <= 3
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_gives_the_same_batches(shard_dir, num_workers) -> None:
+    data = DataSpec(train=str(shard_dir), val=str(shard_dir), batch_size=3, num_workers=num_workers, shuffle_buffer=5)
+    aug = data.model_copy(update={"augment": AugmentSpec(elastic=0.5, blur=0.5)})
+    ref_stream = iter(build_train_loader(aug, rank=1, world_size=2, batch_size=3, seed=7))
+    ref = [next(ref_stream) for _ in range(9)]
+    del ref_stream
+    first = build_train_loader(aug, rank=1, world_size=2, batch_size=3, seed=7)
+    it = iter(first)
+    for _ in range(5):
+        next(it)
+    state = json.loads(json.dumps(first.state_dict()))
+    del it
+    resumed = build_train_loader(aug, rank=1, world_size=2, batch_size=3, seed=7)
+    resumed.load_state_dict(state)
+    it = iter(resumed)
+    for want in ref[5:]:
+        got = next(it)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert all((lab >= 0).flatten(1).any(1).all() for _, lab in ref)  # all-uncertain patches never sampled
+
+
+def test_class_balanced_runs(shard_dir) -> None:
+    data = DataSpec(train=str(shard_dir), val=str(shard_dir), batch_size=2, num_workers=0, class_balanced=True)
+    images, labels = next(iter(build_train_loader(data, rank=0, world_size=1, batch_size=2, seed=0)))
+    assert images.shape == (2, 1, 64, 64) and labels.dtype == torch.int64
+
+
+def _corrupt_shard(folder: Path) -> None:
+    src = next(iter_raw_samples(str(folder / "shard-000000.tar")))
+    good = [(f"{src['__key__']}.{k}", src[k]) for k in ("image.npy", "json", "label.npy")]
+    bad = [("broken_000001.image.npy", src["image.npy"]), ("broken_000001.label.npy", b"not npy")]
+    write_tar_atomic(folder / "shard-000000.tar", good + bad)
+    (folder / "manifest.json").write_text(json.dumps({"shards": [{"name": "shard-000000.tar", "num_samples": 2}]}))
+
+
+def test_bad_sample_stop_names_shard_and_key_skip_warns(tmp_path) -> None:
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    write_pairs(tmp_path / "p", 1)
+    build(tmp_path / "p", tmp_path / "s", "--val-frac", "0", "--samples-per-shard", "1")
+    (tmp_path / "s" / "train" / "shard-000000.tar").rename(folder / "shard-000000.tar")
+    _corrupt_shard(folder)
+    data = DataSpec(train=str(folder), val=str(folder), batch_size=1, num_workers=0)
+    with pytest.raises(ValueError, match=r"broken_000001.*shard-000000\.tar.*on_bad_sample=skip"):
+        list(build_val_loader(data, rank=0, world_size=1, batch_size=1))
+    skip = data.model_copy(update={"on_bad_sample": "skip"})
+    with pytest.warns(UserWarning, match="1 skipped"):
+        assert len(list(build_val_loader(skip, rank=0, world_size=1, batch_size=1))) == 1
+
+
+def test_augment_keeps_label_values_and_shapes() -> None:
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 32, 32)
+    label = torch.randint(-1, 12, (32, 32))
+    spec = AugmentSpec(elastic=1.0, blur=1.0)
+    for _ in range(5):
+        img, lab = augment(image, label, spec, gen)
+        assert img.shape == image.shape and lab.shape == label.shape and lab.dtype == torch.int64
+        assert set(lab.unique().tolist()) <= set(label.unique().tolist())
