@@ -197,6 +197,8 @@ class RunSpec(_Strict):
     """Worker-group restarts Ray may do from the latest checkpoint after a failure."""
     resume: bool = True
     """Resume from the latest checkpoint under ``<storage_path>/<name>`` if one exists."""
+    stop_at_step: PosInt | None = None
+    """Checkpoint and exit cleanly at this step (resume later by running the same spec); ``null``: run to the end."""
 
 
 class TrackingSpec(_Strict):

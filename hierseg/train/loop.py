@@ -1,0 +1,269 @@
+"""The per-worker training loop: one function (:func:`train_worker`) for Ray, torchrun and local.
+
+Every rank runs the same steps and the same collectives: the loss all-reduces its valid count and
+terms every step, evaluation all-reduces its counts once, checkpoints gather loader and RNG states
+once, and the stop flag (signals, ``run.stop_at_step``) is agreed at logging boundaries.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from hierseg.data.loader import build_train_loader, build_val_loader, read_manifest
+from hierseg.labels import Hierarchy
+from hierseg.losses import LossTerms, hierarchical_loss
+from hierseg.model import UNet, build_model, num_parameters
+from hierseg.spec import JobSpec
+from hierseg.tracking import MlflowTracker, NullTracker
+from hierseg.train.checkpoint import rng_state, set_rng_state
+from hierseg.train.checkpointer import Checkpointer, build_checkpointer
+from hierseg.train.context import DistContext, all_gather_objects, all_reduce_
+from hierseg.train.evaluate import run_eval, summarize
+from hierseg.train.optim import build_optimizer, build_scheduler
+from hierseg.train.progress import NullProgress, build_progress
+
+
+@dataclass
+class Job:
+    """Everything one rank's loop touches."""
+
+    spec: JobSpec
+    ctx: DistContext
+    hierarchy: Hierarchy
+    luts: list[torch.Tensor]
+    model: UNet
+    train_model: torch.nn.Module  # DDP-wrapped (or the model itself on one process)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    stream: Any
+    tracker: MlflowTracker | NullTracker
+    checkpoints: Checkpointer
+    progress: NullProgress
+    step: int = 0
+    best: dict[str, Any] = field(default_factory=dict)
+    last_eval: dict[str, float] = field(default_factory=dict)
+    stop_requested: bool = False
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        use_bf16 = self.spec.run.precision == "bf16" and self.ctx.device.type == "cuda"
+        return torch.bfloat16 if use_bf16 else None
+
+
+def build_job(spec: JobSpec, ctx: DistContext, run_id: str | None) -> Job:
+    torch.manual_seed(spec.run.seed)  # same initial weights on every rank
+    hierarchy = spec.hierarchy.build()
+    model = build_model(spec.model, hierarchy).to(ctx.device)
+    if ctx.device.type == "cuda" and spec.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    train_model: torch.nn.Module = model
+    if ctx.distributed:
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        train_model = DistributedDataParallel(model, device_ids=device_ids)
+    if spec.model.compile:
+        train_model = torch.compile(train_model)
+    optimizer = build_optimizer(spec.optim, model)
+    torch.manual_seed(spec.run.seed + 1000 + ctx.rank)  # per-rank stream for dropout and friends
+    stream = build_train_loader(
+        spec.data,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        batch_size=spec.data.batch_size // ctx.world_size,
+        seed=spec.run.seed,
+    )
+    tracker = MlflowTracker(spec.tracking.uri, run_id) if ctx.is_main and run_id else NullTracker()
+    return Job(
+        spec=spec,
+        ctx=ctx,
+        hierarchy=hierarchy,
+        luts=[lut.to(ctx.device) for lut in hierarchy.luts()],
+        model=model,
+        train_model=train_model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(spec.optim, optimizer, spec.run.max_steps),
+        stream=stream,
+        tracker=tracker,
+        checkpoints=build_checkpointer(spec, ctx),
+        progress=build_progress(spec, ctx),
+    )
+
+
+def train_step(job: Job, images: torch.Tensor, labels: torch.Tensor) -> LossTerms:
+    """Forward, masked hierarchical loss with the global valid count, backward, clip, step."""
+    device = job.ctx.device
+    images_BCHW = images.to(device, non_blocking=True)
+    y_BHW = labels.to(device, non_blocking=True)
+    if device.type == "cuda" and job.spec.model.channels_last:
+        images_BCHW = images_BCHW.contiguous(memory_format=torch.channels_last)
+    dtype = job.autocast_dtype
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits_fine, logits_coarse = job.train_model(images_BCHW)
+    terms = hierarchical_loss(logits_fine, logits_coarse, y_BHW, job.luts, job.spec.lambdas())
+    # The logged terms are global (identical on every rank), so every rank stops together.
+    if not bool(torch.isfinite(terms.loss_fine) and torch.isfinite(terms.loss_coarse).all()):
+        raise FloatingPointError(
+            f"non-finite loss at step {job.step + 1}: fine={float(terms.loss_fine)}, "
+            f"coarse={terms.loss_coarse.tolist()}; lower optim.lr or check the input data"
+        )
+    job.optimizer.zero_grad(set_to_none=True)
+    terms.loss.backward()
+    if job.spec.optim.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(job.model.parameters(), job.spec.optim.grad_clip)
+    job.optimizer.step()
+    job.scheduler.step()
+    return terms
+
+
+def evaluate(job: Job) -> dict[str, float]:
+    """Whole validation split once across ranks; counts all-reduced once; figures on the owner."""
+    ctx = job.ctx
+    batches = build_val_loader(
+        job.spec.data, rank=ctx.rank, world_size=ctx.world_size, batch_size=job.spec.data.batch_size // ctx.world_size
+    )
+    metrics, sample = run_eval(job.model, batches, job.luts, ctx.device, job.autocast_dtype)
+    metrics.all_reduce()
+    summary = summarize(metrics, job.hierarchy)
+    job.tracker.log_metrics(summary, job.step)
+    job.tracker.log_eval_figures(metrics, sample, job.hierarchy, job.step)
+    job.tracker.flush()
+    job.last_eval = summary
+    _update_best(job, summary)
+    return summary
+
+
+def _update_best(job: Job, summary: dict[str, float]) -> None:
+    metric, mode = job.spec.run.best_metric, job.spec.run.best_mode
+    value = summary.get(metric, math.nan)
+    best = job.best.get("value")
+    if math.isnan(value) or (best is not None and (value <= best if mode == "max" else value >= best)):
+        return
+    job.best = {"value": value, "step": job.step, "metrics": summary}
+    job.checkpoints.save_best(job.model.state_dict(), job.spec, job.step, summary)
+
+
+def checkpoint_state(job: Job) -> dict[str, Any]:
+    """Everything needed to resume exactly; gathers every rank's loader position and RNG (collective)."""
+    per_rank = all_gather_objects({"loader": job.stream.state_dict(), "rng": rng_state()}, job.ctx)
+    return {
+        "step": job.step,
+        "model": job.model.state_dict(),
+        "optimizer": job.optimizer.state_dict(),
+        "scheduler": job.scheduler.state_dict(),
+        "per_rank": per_rank,
+        "world_size": job.ctx.world_size,
+        "best": {k: v for k, v in job.best.items() if k != "metrics"},
+        "best_metrics": job.best.get("metrics", {}),
+        "last_eval": job.last_eval,
+        "spec": job.spec.model_dump(mode="json"),
+        "run_id": job.tracker.run_id,
+        "patch_size": (read_manifest(job.spec.data.train) or {}).get("patch_shape"),
+    }
+
+
+def save_checkpoint(job: Job) -> None:
+    state = checkpoint_state(job)
+    metric = job.spec.run.best_metric
+    score = job.last_eval.get(metric, -math.inf if job.spec.run.best_mode == "max" else math.inf)
+    job.checkpoints.save(state, {"step": job.step, metric: score})
+
+
+def resume(job: Job) -> None:
+    if not job.spec.run.resume:
+        return
+    state = job.checkpoints.load_latest()
+    if state is None:
+        return
+    job.model.load_state_dict(state["model"])
+    job.optimizer.load_state_dict(state["optimizer"])
+    job.scheduler.load_state_dict(state["scheduler"])
+    job.step = int(state["step"])
+    job.best = dict(state["best"], metrics=state["best_metrics"]) if state["best"] else {}
+    job.last_eval = state["last_eval"]
+    if state["world_size"] == job.ctx.world_size:
+        mine = state["per_rank"][job.ctx.rank]
+        job.stream.load_state_dict(mine["loader"])
+        set_rng_state(mine["rng"])
+    else:
+        job.stream.load_state_dict(state["per_rank"][0]["loader"])  # warns: restarts at the saved epoch
+    job.progress.note(f"resumed from step {job.step}")
+
+
+def _agree_to_stop(job: Job) -> bool:
+    """Symmetric: every rank learns whether any rank was asked to stop (signal or stop_at_step)."""
+    at_stop_step = job.spec.run.stop_at_step is not None and job.step >= job.spec.run.stop_at_step
+    flag = torch.tensor([int(job.stop_requested or at_stop_step)], device=job.ctx.device)
+    return bool(all_reduce_(flag, job.ctx).item())
+
+
+def _install_stop_handlers(job: Job) -> None:
+    """SIGUSR1/SIGTERM (Slurm preemption, torchrun shutdown): checkpoint at the next boundary, exit."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # Ray runs the loop in a worker thread; Ray handles its own shutdown
+
+    def handler(signum: int, _frame: Any) -> None:
+        job.stop_requested = True
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, handler)
+
+
+def run_loop(job: Job) -> bool:
+    """Train until ``run.max_steps`` (returns True) or an agreed stop (checkpoint, returns False)."""
+    run = job.spec.run
+    eval_every = run.eval_every or run.max_steps
+    ckpt_every = run.checkpoint_every or eval_every
+    batches = iter(job.stream)
+    job.progress.start(job.step, num_parameters(job.model))
+    while job.step < run.max_steps:
+        t0 = time.perf_counter()
+        images, labels = next(batches)
+        t_data = time.perf_counter()
+        terms = train_step(job, images, labels)
+        job.step += 1
+        job.progress.update(terms, images.shape[0] * job.ctx.world_size, t_data - t0, time.perf_counter() - t0)
+        last = job.step == run.max_steps
+        if job.step % run.log_every == 0 or last:
+            job.tracker.log_metrics(job.progress.pop_window(job.step, job.scheduler.get_last_lr()[0]), job.step)
+        if job.step % eval_every == 0 or last:
+            job.progress.note_eval(evaluate(job))
+        if job.step % ckpt_every == 0 or last:
+            save_checkpoint(job)
+        boundary = job.step % run.log_every == 0 or job.step % ckpt_every == 0 or job.step == run.stop_at_step
+        if boundary and not last and _agree_to_stop(job):
+            if job.step % ckpt_every:
+                save_checkpoint(job)
+            job.progress.note(f"stopping at step {job.step} (checkpoint saved; rerun the same spec to resume)")
+            return False
+    return True
+
+
+def train_worker(config: dict[str, Any], ctx: DistContext | None = None) -> dict[str, Any]:
+    """Run on every rank: build, resume, train, evaluate, checkpoint; log the best model at the end.
+
+    ``config``: ``{"spec": resolved spec dict, "launcher": ray|torchrun|local, "run_id": MLflow run}``.
+    """
+    from hierseg.train.context import close_context, init_context
+
+    spec = JobSpec.model_validate(config["spec"])
+    own_ctx = ctx is None
+    ctx = ctx or init_context(spec, config["launcher"])
+    try:
+        job = build_job(spec, ctx, config.get("run_id"))
+        _install_stop_handlers(job)
+        resume(job)
+        finished = run_loop(job)
+        job.tracker.flush()
+        model_uri = job.tracker.log_model(job.checkpoints.best_dir(), spec) if finished else None
+        job.progress.finish(job.best, model_uri)
+        return {"finished": finished, "step": job.step, "best": job.best, "model_uri": model_uri}
+    finally:
+        if own_ctx:
+            close_context(ctx)
