@@ -37,10 +37,10 @@ CHECK_HOST=$HOST
 URL=http://$CHECK_HOST:$PORT
 
 server_cmd() {
-  local cmd=("$MLFLOW" server --host "$HOST" --port "$PORT" --workers "$WORKERS"
+  # Fills the global array CMD (no eval: the values may hold passwords or spaces).
+  CMD=("$MLFLOW" server --host "$HOST" --port "$PORT" --workers "$WORKERS"
     --backend-store-uri "$BACKEND" --artifacts-destination "$ARTIFACTS")
-  [[ -n ${MLFLOW_APP_NAME:-} ]] && cmd+=(--app-name "$MLFLOW_APP_NAME")
-  printf '%q ' "${cmd[@]}"
+  if [[ -n ${MLFLOW_APP_NAME:-} ]]; then CMD+=(--app-name "$MLFLOW_APP_NAME"); fi
 }
 
 running() { [[ -s $PID_FILE ]] && kill -0 "$(cat "$PID_FILE")" 2>/dev/null; }
@@ -71,8 +71,10 @@ do_start() {
   if running; then echo "already running (pid $(cat "$PID_FILE"))"; do_wait; return; fi
   mkdir -p "$STATE_DIR"
   [[ $ARTIFACTS == *://* ]] || mkdir -p "$ARTIFACTS"
-  # setsid: the server (gunicorn/uvicorn and its workers) gets its own process group, so stop ends all of it.
-  eval "setsid $(server_cmd)" >>"$LOG_FILE" 2>&1 </dev/null &
+  # setsid: the server (uvicorn, its workers and job consumers) gets its own process group whose id is
+  # the recorded pid, so stop ends all of it.
+  server_cmd
+  setsid "${CMD[@]}" >>"$LOG_FILE" 2>&1 </dev/null &
   echo $! >"$PID_FILE"
   do_wait
 }
@@ -82,8 +84,11 @@ do_stop() {
   local pid
   pid=$(cat "$PID_FILE")
   kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid"
-  for _ in $(seq 1 30); do running || break; sleep 0.5; done
-  running && kill -KILL -- "-$pid" 2>/dev/null
+  for _ in $(seq 1 30); do
+    kill -0 -- "-$pid" 2>/dev/null || break
+    sleep 0.5
+  done
+  kill -KILL -- "-$pid" 2>/dev/null || true
   rm -f "$PID_FILE"
   echo "stopped"
 }
@@ -93,6 +98,6 @@ case ${1:-} in
   stop) do_stop ;;
   wait) do_wait ;;
   status) if healthy; then echo "up at $URL"; else echo "down ($URL)"; exit 1; fi ;;
-  run) eval "exec $(server_cmd)" ;;
+  run) server_cmd && exec "${CMD[@]}" ;;
   *) echo "usage: $0 {start|stop|status|wait|run}" >&2; exit 2 ;;
 esac
