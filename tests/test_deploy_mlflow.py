@@ -9,9 +9,9 @@ the client calls here once they exist.
 from __future__ import annotations
 
 import os
-import sys
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
