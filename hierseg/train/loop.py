@@ -261,7 +261,8 @@ def train_worker(config: dict[str, Any], ctx: DistContext | None = None) -> dict
         resume(job)
         finished = run_loop(job)
         job.tracker.flush()
-        model_uri = job.tracker.log_model(job.checkpoints.best_dir(), spec) if finished else None
+        log_model = finished and spec.tracking.log_model and job.best
+        model_uri = job.tracker.log_model(job.checkpoints.best_dir(), spec) if log_model else None
         job.progress.finish(job.best, model_uri)
         return {"finished": finished, "step": job.step, "best": job.best, "model_uri": model_uri}
     finally:

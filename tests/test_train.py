@@ -1,0 +1,151 @@
+"""Training service end to end with real components: local, torchrun (2 procs), Ray (2 workers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hierseg.data.synth import ensure_synthetic
+from hierseg.spec import validate_spec
+from hierseg.train.checkpoint import load_state
+from tests.train_utils import TRAIN, mlflow_runs, ray_env, tiny_spec, train_cli, write_spec
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    spec = validate_spec(tiny_spec(root, root))
+    ensure_synthetic(spec.data)
+    return root
+
+
+def _val_valid_pixels(shards: Path) -> int:
+    return sum(json.loads((shards / "val" / "manifest.json").read_text())["class_histogram"])
+
+
+def _latest_model(run_dir: Path) -> dict:
+    index = json.loads((run_dir / "checkpoints.json").read_text())
+    return load_state(run_dir / index[-1]["dir"])
+
+
+def test_local_run_logs_one_mlflow_run_with_metrics_and_model(shards, tmp_path):
+    """--launcher local: one MLflow run, val/num_valid = manifest's valid pixels, model registered."""
+    spec = tiny_spec(shards, tmp_path, run={"num_workers": 1}, tracking={"registered_model": "tiny"})
+    out = train_cli(write_spec(spec, tmp_path / "s.yaml"), "--launcher", "local")
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run,) = mlflow_runs(spec["tracking"]["uri"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["val/num_valid"] == _val_valid_pixels(shards)
+    assert "val/fine/miou" in run.data.metrics and "val/coarse/iou/non_tissue" in run.data.metrics
+    assert "val/fine/iou/soma" not in run.data.metrics or run.data.metrics["val/fine/iou/soma"] >= 0
+    assert run.data.params["loss.lambda_coarse"] == "0.2"
+    assert "models:/tiny/1" in out.stdout
+
+
+def test_torchrun_two_processes_one_mlflow_run(shards, tmp_path):
+    """torchrun --nproc_per_node 2: rank 0 owns the single MLflow run; validation seen exactly once."""
+    spec = tiny_spec(shards, tmp_path, tracking={"log_model": False})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    out = subprocess.run(
+        [*cmd, TRAIN, "--spec", str(write_spec(spec, tmp_path / "s.yaml"))], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run,) = mlflow_runs(spec["tracking"]["uri"])
+    assert run.data.tags["hierseg.launcher"] == "torchrun"
+    assert run.data.metrics["val/num_valid"] == _val_valid_pixels(shards)
+
+
+def test_exact_resume_matches_uninterrupted_run(shards, tmp_path):
+    """Stopped at step N of 2N and resumed: same final step and bit-identical weights."""
+    full = tiny_spec(shards, tmp_path / "a", run={"num_workers": 1}, tracking={"log_model": False})
+    part = tiny_spec(shards, tmp_path / "b", run={"num_workers": 1, "stop_at_step": 4}, tracking={"log_model": False})
+    for spec, name in ((full, "a.yaml"), (part, "b.yaml")):
+        (tmp_path / name[0]).mkdir()
+        out = train_cli(write_spec(spec, tmp_path / name), "--launcher", "local")
+        assert out.returncode == 0, out.stderr[-3000:]
+    assert "stopped at step 4" in out.stderr
+    assert _latest_model(tmp_path / "b" / "runs" / "t")["step"] == 4
+    out = train_cli(tmp_path / "b.yaml", "--launcher", "local", "--set", "run.stop_at_step=null")
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = _latest_model(tmp_path / "a" / "runs" / "t"), _latest_model(tmp_path / "b" / "runs" / "t")
+    assert a["step"] == b["step"] == 8
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    (run,) = mlflow_runs(part["tracking"]["uri"])  # the resumed job continued the same MLflow run
+    assert run.info.status == "FINISHED"
+
+
+def test_missing_shards_fail_before_workers_start(tmp_path):
+    """A spec whose shards do not exist exits 2 naming data.train, without starting Ray."""
+    spec = tiny_spec(tmp_path / "nowhere", tmp_path)
+    del spec["data"]["synthetic"]
+    t0 = time.monotonic()
+    out = train_cli(write_spec(spec, tmp_path / "s.yaml"))
+    assert out.returncode == 2
+    assert "data.train" in out.stderr and "nowhere" in out.stderr
+    assert time.monotonic() - t0 < 30
+
+
+def test_unreachable_tracking_server_fails_fast(shards, tmp_path):
+    """An MLflow URI nobody answers at exits 2 with the URI in the message, before any worker."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    spec = tiny_spec(shards, tmp_path, tracking={"uri": uri})
+    out = train_cli(write_spec(spec, tmp_path / "s.yaml"))
+    assert out.returncode == 2
+    assert uri in out.stderr and "unreachable" in out.stderr
+
+
+def test_bad_spec_exits_2_with_field_path(tmp_path):
+    """A bad spec exits 2 and names the field."""
+    path = tmp_path / "s.yaml"
+    path.write_text("data: {train: a, val: b, batch_size: 4}\nrun: {max_steps: 10}\nloss: {lamda_coarse: 1}\n")
+    out = train_cli(path)
+    assert out.returncode == 2 and "did you mean lambda_coarse" in out.stderr
+
+
+@pytest.mark.slow
+def test_ray_two_workers_and_sigkill_recovery(shards, tmp_path):
+    """Ray Train, 2 CPU workers: a worker killed with SIGKILL mid-run is restarted from the latest
+    checkpoint; the run reaches max_steps with a single MLflow run."""
+    spec = tiny_spec(
+        shards,
+        tmp_path,
+        run={"max_steps": 40, "eval_every": 10, "checkpoint_every": 5, "log_every": 5, "max_failures": 2},
+        tracking={"log_model": False},
+    )
+    proc = subprocess.Popen(
+        [sys.executable, TRAIN, "--spec", str(write_spec(spec, tmp_path / "s.yaml"))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ray_env(),
+    )
+    lines, killed = [], False
+    for line in proc.stdout:
+        lines.append(line)
+        if not killed and "step 15/40" in line:
+            pids = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+            assert pids, "no Ray Train worker process found"
+            os.kill(int(pids[-1]), signal.SIGKILL)
+            killed = True
+    proc.wait(timeout=600)
+    log = "".join(lines)
+    assert proc.returncode == 0, log[-4000:]
+    assert killed
+    assert "resumed from step" in log
+    (run,) = mlflow_runs(spec["tracking"]["uri"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["val/num_valid"] == _val_valid_pixels(shards)
+    assert run.data.tags["hierseg.launcher"] == "ray"
