@@ -54,16 +54,19 @@ def log_checkpoint_model(uri: str, run_id: str, checkpoint: Path, spec: JobSpec)
     Returns the model URI (``models:/NAME/VERSION`` when registered, else ``runs:/ID/model``).
     """
     import mlflow
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
 
     from hierseg import __version__
     from hierseg.train.checkpoint import STATE_FILE, load_state
 
     state = load_state(checkpoint)
     card = model_card(spec, state)
-    size = card["patch_size"] or [64, 64]
-    example = np.zeros((1, spec.model.in_channels, *size), dtype=np.float32)
-    signature = infer_signature(example, np.zeros((1, *size), dtype=np.int16))
+    # any image size: pyfunc predict tiles (hierseg.infer.predict_image), so H and W stay variable (-1)
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.model.in_channels, -1, -1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.int16), (-1, -1, -1))]),
+    )
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(

@@ -1,0 +1,287 @@
+"""Sliding-window, hierarchy-aware prediction of 2D images and 3D stacks (``hierseg predict``).
+
+Why tiles: EM sections are larger than what fits through a U-Net at once, and training saw patches.
+Tiles overlap and are blended with a smooth (cosine) window so seams do not show; when the image
+fits in one window the result equals a whole-image forward pass (the window divides out).
+
+Why slices are streamed: stacks can be larger than RAM, so slices are read one at a time from TIFF
+pages, HDF5/zarr datasets or ``.npy`` memory maps, and written one at a time to the output.
+
+Outputs (per slice, then stacked):
+
+- ``fine_labels`` uint8: fine class 0..11, restricted to the classes of the most probable coarse
+  group wherever that group is confident (``>= coarse_threshold``), so fine and coarse agree.
+- ``fine_confidence`` float16: softmax probability of the chosen fine class.
+- ``coarse_prob`` float16 ``[K, ...]``: sigmoid probability of each group of the first hierarchy level.
+- ``fallback`` uint8 (the coarse fallback map): ``0..11`` the fine class (fine confidence
+  ``>= fine_threshold``); ``100 + k`` coarse group ``k`` (fine not confident but group ``k`` is);
+  ``255`` undecided (neither is confident).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hierseg.labels import Hierarchy
+
+FALLBACK_GROUP_OFFSET = 100
+UNDECIDED = 255
+OUTPUT_NAMES = ("fine_labels", "fine_confidence", "coarse_prob", "fallback")
+
+
+class PredictError(ValueError):
+    """A user error (bad model URI, input, output, option); the message names it and the fix."""
+
+
+@dataclass
+class PredictOptions:
+    """Tiling and decision thresholds; defaults suit the quickstart model on CPU."""
+
+    tile: int = 256
+    overlap: int = 32
+    batch: int = 8
+    fine_threshold: float = 0.5
+    coarse_threshold: float = 0.5
+    device: str | None = None  # None: cuda when available, else cpu
+    amp: bool = True  # bf16 autocast on GPU (never on CPU)
+
+
+# ------------------------------------------------------------------------------------------- tiling
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Window starts along one axis: every pixel covered, the last window flush with the edge."""
+    if size <= tile:
+        return [0]
+    stride = max(1, tile - overlap)
+    starts = list(range(0, size - tile, stride))
+    return [*starts, size - tile]
+
+
+def blend_window(h: int, w: int, overlap: int) -> torch.Tensor:
+    """Cosine ramp over ``overlap`` pixels at each edge, 1 inside; never 0 so every pixel is weighted."""
+
+    def ramp(n: int) -> torch.Tensor:
+        r = torch.ones(n)
+        m = min(overlap, n // 2)
+        if m > 0:
+            t = (torch.arange(m, dtype=torch.float32) + 0.5) / m
+            edge = 0.5 - 0.5 * torch.cos(math.pi * t)
+            r[:m], r[n - m :] = edge, edge.flip(0)
+        return r.clamp_min(1e-3)
+
+    return ramp(h)[:, None] * ramp(w)[None, :]
+
+
+def _to_float(image: np.ndarray) -> torch.Tensor:
+    """Training's input normalisation: uint8 / 255 (uint16 / 65535); floats are taken as [0, 1]."""
+    if image.dtype == np.uint8:
+        x = image.astype(np.float32) / 255.0
+    elif image.dtype == np.uint16:
+        x = image.astype(np.float32) / 65535.0
+    else:
+        x = image.astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def _device_of(options: PredictOptions) -> torch.device:
+    if options.device:
+        return torch.device(options.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.no_grad()
+def predict_probs(model: torch.nn.Module, image_CHW: torch.Tensor, options: PredictOptions) -> torch.Tensor:
+    """Blended ``[12 + K, H, W]`` probabilities (softmax fine, sigmoid coarse of level 0) of one image."""
+    device = next(model.parameters()).device
+    _, h, w = image_CHW.shape
+    th, tw = min(options.tile, h), min(options.tile, w)
+    boxes = [(y, x) for y in tile_starts(h, th, options.overlap) for x in tile_starts(w, tw, options.overlap)]
+    window = blend_window(th, tw, options.overlap if len(boxes) > 1 else 0).to(device)
+    acc, weight = None, torch.zeros(h, w, device=device)
+    amp = options.amp and device.type == "cuda"
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
+    for i in range(0, len(boxes), options.batch):
+        chunk = boxes[i : i + options.batch]
+        tiles = torch.stack([image_CHW[:, y : y + th, x : x + tw] for y, x in chunk]).to(device)
+        with ctx:
+            logits_fine, logits_coarse = model(tiles)
+        probs = torch.cat([logits_fine.float().softmax(1), logits_coarse[0].float().sigmoid()], 1)
+        if acc is None:
+            acc = torch.zeros(probs.shape[1], h, w, device=device)
+        for (y, x), p in zip(chunk, probs):
+            acc[:, y : y + th, x : x + tw] += p * window
+            weight[y : y + th, x : x + tw] += window
+    return (acc / weight).cpu()
+
+
+def decide(probs: torch.Tensor, lut: torch.Tensor, options: PredictOptions) -> dict[str, np.ndarray]:
+    """Fine labels consistent with the confident coarse group, confidence, and the fallback map."""
+    n_fine = lut.shape[0]
+    fine = probs[:n_fine]
+    coarse = probs[n_fine:].to(torch.float16).float()  # decide on the values written out (float16)
+    group = coarse.argmax(0)  # first of equal values, as numpy's argmax of the output does
+    group_p = coarse.gather(0, group[None])[0]
+    confident_group = group_p >= options.coarse_threshold
+    members = lut.bool().t()[group].permute(2, 0, 1)  # [12, H, W]: class is in the top group
+    allowed = torch.where(confident_group[None], members, torch.ones_like(members))
+    conf, label = fine.masked_fill(~allowed, -1.0).max(0)
+    conf = conf.to(torch.float16).float()  # thresholds apply to the written (float16) confidence
+    fallback = torch.full_like(label, UNDECIDED)
+    fallback = torch.where(confident_group, group + FALLBACK_GROUP_OFFSET, fallback)
+    fallback = torch.where(conf >= options.fine_threshold, label, fallback)
+    return {
+        "fine_labels": label.to(torch.uint8).numpy(),
+        "fine_confidence": conf.to(torch.float16).numpy(),
+        "coarse_prob": coarse.to(torch.float16).numpy(),
+        "fallback": fallback.to(torch.uint8).numpy(),
+    }
+
+
+def _as_chw(image: np.ndarray, channels: int) -> torch.Tensor:
+    x = _to_float(np.asarray(image))
+    if x.dim() == 2:
+        x = x[None]
+    if x.dim() != 3 or x.shape[0] != channels:
+        raise PredictError(f"image of shape {tuple(image.shape)} does not fit a model with {channels} input channel(s)")
+    return x
+
+
+def predict_image(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    tile: int = 256,
+    overlap: int = 32,
+    batch: int = 8,
+    hierarchy: Hierarchy | None = None,
+    options: PredictOptions | None = None,
+) -> dict[str, np.ndarray]:
+    """Predict one ``[H, W]`` or ``[C, H, W]`` image; returns the four outputs (see module doc)."""
+    opts = options or PredictOptions(tile=tile, overlap=overlap, batch=batch)
+    lut = (hierarchy or Hierarchy.default()).lut()
+    in_ch = model.stem[0].in_channels if hasattr(model, "stem") else 1
+    probs = predict_probs(model, _as_chw(image, in_ch), opts)
+    return decide(probs, lut, opts)
+
+
+def predict_volume(
+    model: torch.nn.Module,
+    volume: Any,
+    hierarchy: Hierarchy | None = None,
+    options: PredictOptions | None = None,
+    progress: bool = False,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Predict a ``[Z, H, W]`` stack slice by slice (any object with ``len`` and ``[z]``): memory stays one slice."""
+    from tqdm import tqdm
+
+    opts = options or PredictOptions()
+    for z in tqdm(range(len(volume)), desc="predict", unit="slice", disable=not progress):
+        yield predict_image(model, np.asarray(volume[z]), hierarchy=hierarchy, options=opts)
+
+
+# ------------------------------------------------------------------------------------- model loading
+def _download_model(uri: str, tracking_uri: str | None) -> Path:
+    """Download a logged/registered hierseg model and return its checkpoint file."""
+    import mlflow
+    import yaml
+
+    from hierseg.registry import resolve_model_uri
+
+    resolve_model_uri(uri, tracking_uri)  # clear errors for unknown names, versions, aliases
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+    dst = Path(tempfile.mkdtemp(prefix="hierseg-model-"))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    except Exception as e:
+        raise PredictError(f"--model {uri}: cannot download the model ({type(e).__name__}: {e})") from None
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text()) if (local / "MLmodel").is_file() else {}
+    arts = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts", {})
+    rel = arts.get("checkpoint", {}).get("path") if isinstance(arts.get("checkpoint"), dict) else None
+    path = local / rel if rel else next(iter(sorted(local.rglob("state.pt"))), None)
+    if path is None or not Path(path).is_file():
+        raise PredictError(
+            f"--model {uri} is not a hierseg model (no 'checkpoint' artifact); log it with hierseg train"
+        )
+    return Path(path)
+
+
+def load_model(uri: str, tracking_uri: str | None = None) -> tuple[torch.nn.Module, Any]:
+    """``models:/NAME@alias``, ``models:/NAME/VERSION``, ``runs:/ID/model`` or a local checkpoint -> (model, spec)."""
+    from hierseg.pyfunc import model_from_checkpoint
+
+    if uri.startswith(("models:/", "runs:/")):
+        return model_from_checkpoint(_download_model(uri, tracking_uri))
+    path = Path(uri)
+    if not path.exists():
+        raise PredictError(
+            f"--model {uri}: no such checkpoint file or folder; give models:/NAME@alias, models:/NAME/VERSION, "
+            "runs:/RUN_ID/model, or a checkpoint folder / state.pt"
+        )
+    try:
+        return model_from_checkpoint(path)
+    except (FileNotFoundError, RuntimeError, KeyError, ValueError) as e:
+        raise PredictError(f"--model {uri}: not a loadable hierseg checkpoint ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="hierseg predict", description="Segment an image or stack with a model.")
+    ap.add_argument("--model", required=True, help="models:/NAME@alias | models:/NAME/VERSION | runs:/ID/model | ckpt")
+    ap.add_argument("--input", required=True, help="2D image, folder of images, TIFF stack, file.h5:dataset, zarr")
+    ap.add_argument("--output", required=True, help="folder (tif/npy per output), out.zarr or out.h5[:group]")
+    ap.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI)")
+    ap.add_argument("--tile", type=int, default=256)
+    ap.add_argument("--overlap", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=8, help="tiles per forward pass")
+    ap.add_argument("--fine-threshold", type=float, default=0.5)
+    ap.add_argument("--coarse-threshold", type=float, default=0.5)
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    ap.add_argument("--no-amp", action="store_true", help="no bf16 autocast on GPU")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    return ap.parse_args(argv)
+
+
+def _options(args: argparse.Namespace) -> PredictOptions:
+    if args.tile < 16 or not 0 <= args.overlap < args.tile or args.batch < 1:
+        raise PredictError("--tile must be >= 16, --overlap in [0, tile), --batch >= 1")
+    for name in ("fine_threshold", "coarse_threshold"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise PredictError(f"--{name.replace('_', '-')} must be in [0, 1]")
+    return PredictOptions(args.tile, args.overlap, args.batch, args.fine_threshold, args.coarse_threshold,
+                          args.device, not args.no_amp)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hierseg.registry import RegistryError
+    from hierseg.stackio import StackError, open_input, open_output
+
+    args = parse_args(argv)
+    try:
+        opts = _options(args)
+        source = open_input(args.input)
+        model, spec = load_model(args.model, args.tracking_uri)
+        model = model.to(_device_of(opts))
+        hierarchy = spec.hierarchy.build()
+        k = hierarchy.num_groups[0]
+        with open_output(args.output, source.shape, k, overwrite=args.overwrite, is_2d=source.is_2d) as sink:
+            for z, out in enumerate(predict_volume(model, source, hierarchy, opts, progress=not args.quiet)):
+                sink.write(z, out)
+    except (PredictError, RegistryError, StackError, ConnectionError) as e:
+        print(f"hierseg predict: {e}", file=sys.stderr)
+        return 2
+    groups = ", ".join(f"{FALLBACK_GROUP_OFFSET + i}={g}" for i, g in enumerate(hierarchy.levels[0].group_names))
+    print(f"hierseg predict: wrote {', '.join(OUTPUT_NAMES)} to {args.output} (fallback: 0..11 fine, {groups}, "
+          f"{UNDECIDED}=undecided)")  # fmt: skip
+    return 0

@@ -1,0 +1,242 @@
+"""Slice-streaming readers and writers for prediction, so stacks larger than RAM never load whole.
+
+Why not :func:`hierseg.data.io.read_array`: it returns the whole array, which is right for building
+shards from labelled volumes but not for segmenting a 200 GB stack. Here each input exposes
+``shape`` (``[Z, H, W]``; a 2D image is a stack of one with ``is_2d``) and ``stack[z]``; each output
+accepts one slice at a time and writes it straight to disk (TIFF pages, ``.npy`` memory maps,
+chunked zarr/HDF5 datasets).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hierseg.data.io import IMAGE_SUFFIXES, list_images, read_array, split_source
+
+
+class StackError(ValueError):
+    """Bad input or output location; the message names it."""
+
+
+class SliceStack:
+    """``[Z, H, W]`` view over a lazily indexed source (``get(z) -> [H, W]`` or ``[C, H, W]``)."""
+
+    def __init__(self, shape: tuple[int, ...], get: Any, name: str, is_2d: bool = False, closer: Any = None):
+        self.shape, self._get, self.name, self.is_2d, self._closer = shape, get, name, is_2d, closer
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, z: int) -> np.ndarray:
+        try:
+            return np.asarray(self._get(z))
+        except Exception as e:
+            raise StackError(f"cannot read slice {z} of {self.name}: {type(e).__name__}: {e}") from None
+
+    def close(self) -> None:
+        if self._closer is not None:
+            self._closer()
+
+
+def _from_array(arr: Any, name: str) -> SliceStack:
+    if arr.ndim == 2:
+        return SliceStack((1, *arr.shape), lambda z: arr[...], name, is_2d=True)
+    if arr.ndim == 3:
+        return SliceStack(tuple(arr.shape), lambda z: arr[z], name)
+    raise StackError(f"{name} has shape {tuple(arr.shape)}; expected a 2D image [H, W] or a stack [Z, H, W]")
+
+
+def _open_tiff(path: Path) -> SliceStack:
+    import tifffile
+
+    tif = tifffile.TiffFile(path)
+    series = tif.series[0]
+    if len(series.shape) == 2 or len(tif.pages) == 1:
+        data = series.asarray()
+        tif.close()
+        return _from_array(data, str(path))
+    if len(tif.pages) != series.shape[0]:  # unusual layout: let tifffile assemble it
+        data = series.asarray()
+        tif.close()
+        return _from_array(data, str(path))
+    return SliceStack(tuple(series.shape), lambda z: tif.pages[z].asarray(), str(path), closer=tif.close)
+
+
+def _open_h5(path: Path, inner: str | None) -> SliceStack:
+    import h5py
+
+    f = h5py.File(path, "r")
+    if inner is None:
+        names = [k for k in f if isinstance(f[k], h5py.Dataset)]
+        if len(names) != 1:
+            f.close()
+            raise StackError(f"{path} holds datasets {names}; name one as {path}:<dataset>")
+        inner = names[0]
+    if inner not in f or not isinstance(f[inner], h5py.Dataset):
+        f.close()
+        raise StackError(f"{path} has no dataset {inner!r}; name one as {path}:<dataset>")
+    stack = _from_array(f[inner], f"{path}:{inner}")
+    stack._closer = f.close
+    return stack
+
+
+def open_input(spec: str) -> SliceStack:
+    """A 2D image, a folder of slices, a (multi-page) TIFF, ``file.h5:dataset``, zarr or ``.npy``, read lazily."""
+    path, inner = split_source(spec)
+    if not path.exists():
+        raise StackError(f"--input {path} does not exist; check the path")
+    try:
+        if path.suffix.lower() in (".h5", ".hdf5", ".hdf"):
+            return _open_h5(path, inner)
+        if path.suffix == ".zarr" or (path / "zarr.json").exists() or (path / ".zarray").exists():
+            import zarr
+
+            node = zarr.open(str(path), mode="r")
+            node = node[inner] if inner else node
+            if not hasattr(node, "shape"):
+                raise StackError(f"{path} is a zarr group; name an array as {path}:<array>")
+            return _from_array(node, spec)
+        if path.is_dir():
+            files = list_images(path)
+            if not files:
+                raise StackError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            first = read_array(files[0])
+            return SliceStack((len(files), *first.shape), lambda z: read_array(files[z]), str(path))
+        if path.suffix.lower() in (".tif", ".tiff"):
+            return _open_tiff(path)
+        if path.suffix.lower() == ".npy":
+            return _from_array(np.load(path, mmap_mode="r", allow_pickle=False), str(path))
+        return _from_array(read_array(path), str(path))
+    except StackError:
+        raise
+    except ValueError as e:
+        raise StackError(str(e)) from None
+    except Exception as e:
+        raise StackError(f"cannot read --input {spec}: {type(e).__name__}: {e}") from None
+
+
+# -------------------------------------------------------------------------------------------- outputs
+def _layouts(shape: tuple[int, ...], k: int, is_2d: bool) -> dict[str, tuple[tuple[int, ...], str]]:
+    z, h, w = shape[0], shape[-2], shape[-1]
+    plane = (h, w) if is_2d else (z, h, w)
+    return {
+        "fine_labels": (plane, "uint8"),
+        "fine_confidence": (plane, "float16"),
+        "coarse_prob": ((k, *plane), "float16"),
+        "fallback": (plane, "uint8"),
+    }
+
+
+class _ArraySink:
+    """Writes slices into array-likes (zarr/HDF5 datasets or ``.npy`` memory maps) of full shape."""
+
+    def __init__(self, arrays: dict[str, Any], is_2d: bool, closer: Any = None):
+        self.arrays, self.is_2d, self._closer = arrays, is_2d, closer
+
+    def write(self, z: int, out: dict[str, np.ndarray]) -> None:
+        for name, arr in self.arrays.items():
+            if self.is_2d:
+                arr[...] = out[name]
+            elif name == "coarse_prob":
+                arr[:, z] = out[name]
+            else:
+                arr[z] = out[name]
+
+    def close(self) -> None:
+        for arr in self.arrays.values():
+            if isinstance(arr, np.memmap):
+                arr.flush()
+        if self._closer is not None:
+            self._closer()
+
+
+class _FolderSink(_ArraySink):
+    """``<folder>/<name>.tif`` (pages written as they come) plus ``coarse_prob.npy`` ``[K, ...]``."""
+
+    def __init__(self, folder: Path, layouts: dict[str, tuple[tuple[int, ...], str]], is_2d: bool):
+        import tifffile
+
+        shape, dtype = layouts["coarse_prob"]
+        mm = np.lib.format.open_memmap(folder / "coarse_prob.npy", mode="w+", dtype=dtype, shape=shape)
+        super().__init__({"coarse_prob": mm}, is_2d)
+        self.tiffs = {n: tifffile.TiffWriter(folder / f"{n}.tif") for n in layouts if n != "coarse_prob"}
+
+    def write(self, z: int, out: dict[str, np.ndarray]) -> None:
+        super().write(z, out)
+        for name, tw in self.tiffs.items():
+            tw.write(out[name], contiguous=True)
+
+    def close(self) -> None:
+        super().close()
+        for tw in self.tiffs.values():
+            tw.close()
+
+
+def _prepare_target(path: Path, overwrite: bool) -> None:
+    if path.exists() and (path.is_file() or any(path.iterdir())):
+        if not overwrite:
+            raise StackError(f"--output {path} already exists; pass --overwrite or choose another path")
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _h5_sink(path: Path, group: str | None, layouts: dict, is_2d: bool, overwrite: bool) -> _ArraySink:
+    import h5py
+
+    f = h5py.File(path, "a")
+    g = f.require_group(group) if group else f
+    for name in layouts:
+        if name in g:
+            if not overwrite:
+                f.close()
+                raise StackError(f"--output {path}:{group or ''} already has {name!r}; pass --overwrite")
+            del g[name]
+    arrays = {}
+    for name, (shape, dtype) in layouts.items():
+        chunks = tuple([1] * (len(shape) - 2) + [min(shape[-2], 512), min(shape[-1], 512)])
+        arrays[name] = g.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, compression="gzip")
+    return _ArraySink(arrays, is_2d, closer=f.close)
+
+
+def _zarr_sink(path: Path, layouts: dict, is_2d: bool, overwrite: bool) -> _ArraySink:
+    import zarr
+
+    _prepare_target(path, overwrite)
+    root = zarr.open_group(str(path), mode="w")
+    arrays = {}
+    for name, (shape, dtype) in layouts.items():
+        chunks = tuple([1] * (len(shape) - 2) + [min(shape[-2], 512), min(shape[-1], 512)])
+        arrays[name] = root.create_array(name, shape=shape, dtype=dtype, chunks=chunks)
+    return _ArraySink(arrays, is_2d)
+
+
+@contextmanager
+def open_output(spec: str, shape: tuple[int, ...], k: int, *, overwrite: bool = False,
+                is_2d: bool | None = None) -> Iterator[_ArraySink]:  # fmt: skip
+    """A sink for the four outputs of a ``shape`` stack; ``sink.write(z, outputs)`` writes one slice."""
+    is_2d = bool(is_2d) if is_2d is not None else False
+    layouts = _layouts(shape, k, is_2d)
+    path, inner = split_source(spec)
+    try:
+        if path.suffix.lower() in (".h5", ".hdf5", ".hdf"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sink = _h5_sink(path, inner, layouts, is_2d, overwrite)
+        elif path.suffix == ".zarr":
+            sink = _zarr_sink(path, layouts, is_2d, overwrite)
+        else:
+            _prepare_target(path, overwrite)
+            path.mkdir(parents=True, exist_ok=True)
+            sink = _FolderSink(path, layouts, is_2d)
+    except StackError:
+        raise
+    except OSError as e:
+        raise StackError(f"cannot write --output {spec}: {e}") from None
+    try:
+        yield sink
+    finally:
+        sink.close()

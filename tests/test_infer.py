@@ -1,0 +1,186 @@
+"""Sliding-window inference and evaluation: tiling equals whole-image prediction, outputs are
+consistent with the hierarchy, every input/output format round-trips, errors exit 2.
+
+Models come from two tiny real training runs registered through ``hierseg promote``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hierseg.infer import FALLBACK_GROUP_OFFSET, UNDECIDED, PredictOptions, predict_image, predict_probs
+from hierseg.labels import Hierarchy
+from tests.registry_helpers import promote_champion, trained
+
+pytestmark = pytest.mark.timeout(300)
+VNC = Path(__file__).resolve().parents[2] / "shared" / "data" / "vnc_sstem"
+
+
+@pytest.fixture(scope="module")
+def model():
+    from hierseg.pyfunc import model_from_checkpoint
+
+    return model_from_checkpoint(trained().checkpoints[0])[0]
+
+
+def _check_outputs(out: dict[str, np.ndarray], shape: tuple[int, ...], opts: PredictOptions) -> None:
+    """Shapes, dtypes, ranges and hierarchy consistency of one prediction."""
+    lut = Hierarchy.default().lut().bool().numpy()
+    k = lut.shape[1]
+    assert out["fine_labels"].shape == shape and out["fine_labels"].dtype == np.uint8
+    assert out["fine_confidence"].shape == shape and out["fine_confidence"].dtype == np.float16
+    assert out["coarse_prob"].shape == (k, *shape) and out["coarse_prob"].dtype == np.float16
+    assert out["fallback"].shape == shape and out["fallback"].dtype == np.uint8
+    assert out["fine_labels"].max() <= 11
+    conf, prob = out["fine_confidence"].astype(np.float32), out["coarse_prob"].astype(np.float32)
+    assert conf.min() >= 0 and conf.max() <= 1 and prob.min() >= 0 and prob.max() <= 1
+    top, top_p = prob.argmax(0), prob.max(0)
+    sure = top_p >= opts.coarse_threshold
+    assert lut[out["fine_labels"][sure], top[sure]].all(), "fine class outside the confident coarse group"
+    fb = out["fallback"]
+    fine_ok = conf >= opts.fine_threshold
+    assert np.array_equal(fb[fine_ok], out["fine_labels"][fine_ok])
+    assert np.array_equal(fb[~fine_ok & sure], top[~fine_ok & sure] + FALLBACK_GROUP_OFFSET)
+    assert (fb[~fine_ok & ~sure] == UNDECIDED).all()
+
+
+def test_tiled_equals_whole_image_when_it_fits(model) -> None:
+    img = np.random.default_rng(0).integers(0, 256, (90, 77), dtype=np.uint8)
+    x = torch.from_numpy(img.astype(np.float32) / 255)[None, None]
+    with torch.no_grad():
+        lf, lc = model(x)
+    whole = torch.cat([lf.softmax(1), lc[0].sigmoid()], 1)[0]
+    tiled = predict_probs(model, x[0], PredictOptions(tile=128, overlap=32, batch=4))
+    torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=1e-5)
+    out = predict_image(model, img, tile=128, overlap=32, batch=4)
+    np.testing.assert_allclose(out["coarse_prob"].astype(np.float32), lc[0][0].sigmoid().numpy(), atol=1e-3)
+
+
+def test_multi_tile_blending_is_close_to_whole(model) -> None:
+    img = np.random.default_rng(1).integers(0, 256, (100, 130), dtype=np.uint8)
+    whole = predict_probs(model, torch.from_numpy(img / 255.0).float()[None], PredictOptions(tile=256))
+    tiled = predict_probs(model, torch.from_numpy(img / 255.0).float()[None], PredictOptions(tile=48, overlap=16))
+    assert torch.isfinite(tiled).all() and tiled.shape == whole.shape
+    assert (tiled[:12].argmax(0) == whole[:12].argmax(0)).float().mean() > 0.8
+
+
+def test_synthetic_stack_outputs_consistent(model) -> None:
+    from hierseg.data.synth import synth_stack
+    from hierseg.infer import predict_volume
+
+    vol = np.asarray(synth_stack(seed=0, depth=3, size=96)[0])
+    opts = PredictOptions(tile=64, overlap=16, batch=4, fine_threshold=0.6, coarse_threshold=0.4)
+    outs = list(predict_volume(model, vol, options=opts))
+    assert len(outs) == 3
+    for out in outs:
+        _check_outputs(out, vol.shape[1:], opts)
+
+
+def _predict(*args: str) -> int:
+    from hierseg.infer import main
+
+    return main(["--tracking-uri", trained().uri, "--quiet", *args])
+
+
+@pytest.mark.realdata
+def test_predict_real_stack_through_alias(tmp_path: Path) -> None:
+    if not (VNC / "raw" / "00.tif").is_file():
+        pytest.skip(f"real data absent: {VNC} (see ../shared/data/README.md)")
+    import tifffile
+    import zarr
+
+    stack = np.stack([tifffile.imread(VNC / "raw" / f"{i:02d}.tif")[:160, :200] for i in range(2)])
+    tifffile.imwrite(tmp_path / "vnc.tif", stack)
+    uri = promote_champion()
+    assert _predict("--model", uri, "--input", str(tmp_path / "vnc.tif"), "--output", str(tmp_path / "o.zarr"),
+                    "--tile", "96", "--overlap", "16") == 0  # fmt: skip
+    root = zarr.open_group(str(tmp_path / "o.zarr"), mode="r")
+    assert root["fine_labels"].shape == (2, 160, 200) and root["coarse_prob"].shape == (5, 2, 160, 200)
+    for z in range(2):
+        out = {n: np.asarray(root[n][z]) for n in ("fine_labels", "fine_confidence", "fallback")}
+        out["coarse_prob"] = np.asarray(root["coarse_prob"][:, z])
+        _check_outputs(out, (160, 200), PredictOptions())
+
+
+def test_predict_formats_roundtrip(tmp_path: Path) -> None:
+    import h5py
+    import tifffile
+    from PIL import Image
+
+    vol = np.random.default_rng(2).integers(0, 256, (2, 40, 52), dtype=np.uint8)
+    with h5py.File(tmp_path / "in.h5", "w") as f:
+        f["raw"] = vol
+    Image.fromarray(vol[0]).save(tmp_path / "one.png")
+    ckpt = str(trained().checkpoints[1])
+    assert _predict("--model", ckpt, "--input", f"{tmp_path}/in.h5:raw", "--output", f"{tmp_path}/o.h5:pred") == 0
+    with h5py.File(tmp_path / "o.h5") as f:
+        assert f["pred/coarse_prob"].shape == (5, 2, 40, 52) and f["pred/fallback"].dtype == np.uint8
+        h5_labels = f["pred/fine_labels"][0]
+    assert _predict("--model", ckpt, "--input", str(tmp_path / "one.png"), "--output", str(tmp_path / "d")) == 0
+    assert tifffile.imread(tmp_path / "d" / "fine_labels.tif").shape == (40, 52)
+    assert np.array_equal(tifffile.imread(tmp_path / "d" / "fine_labels.tif"), h5_labels)
+    assert np.load(tmp_path / "d" / "coarse_prob.npy").shape == (5, 40, 52)
+
+
+def test_predict_errors_exit_2(tmp_path: Path, capsys) -> None:
+    ckpt = str(trained().checkpoints[0])
+    assert _predict("--model", ckpt, "--input", str(tmp_path / "missing.tif"), "--output", str(tmp_path / "o")) == 2
+    assert "missing.tif does not exist" in capsys.readouterr().err
+    np.save(tmp_path / "x.npy", np.zeros((2, 32, 32), np.uint8))
+    assert _predict("--model", str(tmp_path / "nockpt"), "--input", str(tmp_path / "x.npy"), "--output",
+                    str(tmp_path / "o")) == 2  # fmt: skip
+    assert "no such checkpoint" in capsys.readouterr().err
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("user data")
+    assert _predict("--model", ckpt, "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "o")) == 2
+    assert "--overwrite" in capsys.readouterr().err and (tmp_path / "o" / "keep.txt").is_file()
+    assert _predict("--model", "models:/tiny-seg@nope", "--input", str(tmp_path / "x.npy"), "--output",
+                    str(tmp_path / "p")) == 2  # fmt: skip
+    assert "aliases:" in capsys.readouterr().err
+
+
+def test_evaluate_shards_matches_training_validation(capsys) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from hierseg.evaluate import main
+
+    t = trained()
+    assert main(["--model", f"runs:/{t.run_ids[0]}/model", "--tracking-uri", t.uri, "--shards",
+                 str(t.shards_val), "--raw", "--format", "json"]) == 0  # fmt: skip
+    rep = json.loads(capsys.readouterr().out)
+    from hierseg.train.checkpoint import load_state
+
+    best = load_state(t.checkpoints[0])["best_metrics"]
+    assert rep["num_valid"] == best["val/num_valid"]
+    assert rep["fine"]["miou"] == pytest.approx(best["val/fine/miou"], abs=1e-6)
+    assert MlflowClient(t.uri).get_run(t.run_ids[0]).data.metrics["val/num_valid"] == rep["num_valid"]
+
+
+@pytest.mark.realdata
+def test_evaluate_labelled_volume_table(tmp_path: Path, capsys) -> None:
+    if not (VNC / "labels").is_dir():
+        pytest.skip(f"real data absent: {VNC} (see ../shared/data/README.md)")
+    import tifffile
+    from PIL import Image
+
+    from hierseg.evaluate import main
+
+    raw = np.stack([tifffile.imread(VNC / "raw" / f"{i:02d}.tif")[:96, :96] for i in range(2)])
+    lab = np.stack([np.asarray(Image.open(VNC / "labels" / f"labels000000{i:02d}.png"))[:96, :96] for i in range(2)])
+    np.save(tmp_path / "raw.npy", raw)
+    np.save(tmp_path / "lab.npy", lab)
+    (tmp_path / "map.yaml").write_text("mapping: {191: mitochondria, 159: extracellular space}\nunmapped: uncertain\n")
+    args = ["--model", str(trained().checkpoints[0]), "--image", str(tmp_path / "raw.npy"),
+            "--labels", str(tmp_path / "lab.npy"), "--label-map", str(tmp_path / "map.yaml")]  # fmt: skip
+    assert main([*args, "--format", "json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["num_valid"] == int(np.isin(lab, [159, 191]).sum())
+    assert rep["fine"]["classes"]["soma"].get("note") == "no data" or rep["fine"]["classes"]["soma"]["pixels"] == 0
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "mitochondria" in table and "coarse group" in table
