@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from hierseg.labels import DEFAULT_GROUPS, Hierarchy
+from hierseg.labels import DEFAULT_GROUPS, Hierarchy, LabelSets
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -32,7 +32,7 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, use_attribute_docstrings=True)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -70,6 +70,17 @@ class SyntheticSpec(_Strict):
     """Seed of the generator (the same seed gives byte-identical shards)."""
 
 
+class LabelSetSpec(_Strict):
+    """One partial label: the stored value ``12 + position`` means "one of these fine classes"."""
+
+    name: str
+    """Name of the set (logged as ``val/set_accuracy/<name>``)."""
+    classes: list[str | int]
+    """Fine class names (or indices) in the set."""
+    id: int | None = None
+    """Optional stored value (``12 + position``), as the manifest records it; checked when given."""
+
+
 class DataSpec(_Strict):
     """Where the shards are and how they are streamed into the workers."""
 
@@ -91,6 +102,15 @@ class DataSpec(_Strict):
     """Training augmentations (validation is never augmented)."""
     synthetic: SyntheticSpec | None = None
     """When set and the shard folders are absent, generate synthetic EM-like shards there first."""
+    label_sets: list[LabelSetSpec] | None = None
+    """Partial-label table (label ``12 + i`` = "one of set ``i``'s classes"); ``null``: the training manifest's."""
+
+    @field_validator("label_sets")
+    @classmethod
+    def _valid_sets(cls, v: list[LabelSetSpec] | None) -> list[LabelSetSpec] | None:
+        if v is not None:
+            LabelSets.from_config([s.model_dump() for s in v], where="data.label_sets")  # raises naming the set
+        return v
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -156,7 +176,9 @@ class OptimSpec(_Strict):
     lr: float = Field(1e-3, gt=0)
     """Peak learning rate."""
     weight_decay: float = Field(1e-4, ge=0)
+    """AdamW weight decay (not applied to norms and biases)."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
     warmup_steps: NonNegInt = 50
     """Steps of linear warm-up from 0 to ``lr``."""
     min_lr_ratio: float = Field(0.05, ge=0, le=1)
@@ -193,6 +215,7 @@ class RunSpec(_Strict):
     best_metric: str = "val/fine/miou"
     """Validation metric that ranks checkpoints and chooses the logged model."""
     best_mode: Literal["max", "min"] = "max"
+    """Whether a larger (``max``) or smaller (``min``) ``best_metric`` is better."""
     max_failures: NonNegInt = 2
     """Worker-group restarts Ray may do from the latest checkpoint after a failure."""
     resume: bool = True

@@ -131,6 +131,13 @@ def check_tracking_uri(uri: str, timeout_s: float = 10.0) -> None:
             raise ConnectionError(f"MLflow tracking store {uri}: cannot create {parent} ({e})") from None
 
 
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a SQLite store live beside the database (not in ./mlruns of whatever folder we run in)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return None  # a server decides (--artifacts-destination)
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(
@@ -145,9 +152,10 @@ def start_run(spec: JobSpec, launcher: str) -> str:
     """Create (or reuse, on resume) the job's one MLflow run; log params, tags and the spec."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=spec.tracking.uri)
+    uri = spec.tracking.uri
+    client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(spec.tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(spec.tracking.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(spec.tracking.experiment, artifact_location(uri))
     tags = {
         "hierseg.version": __version__,
         "hierseg.git_commit": git_commit(),
