@@ -27,7 +27,7 @@ PLAN_LUT = torch.tensor(
 def make_coarse_targets(y_fine, lut):
     B, H, W = y_fine.shape
     K = lut.shape[1]
-    y_coarse = torch.zeros((B, K, H, W), dtype=lut.dtype)
+    y_coarse = torch.zeros((B, K, H, W), dtype=lut.dtype, device=y_fine.device)
     valid = y_fine != IGNORE_INDEX
     if valid.any():
         perm = y_coarse.permute(0, 2, 3, 1)
