@@ -38,11 +38,24 @@ class _BestOnOwner:
 
     def save_best(self, model_state: dict[str, Any], spec: JobSpec, step: int, metrics: dict[str, float]) -> None:
         if self.is_main:
-            state = {"model": model_state, "spec": spec.model_dump(mode="json"), "step": step, "best_metrics": metrics}
+            manifest = self.manifest(spec)
+            state = {
+                "model": model_state,
+                "spec": spec.model_dump(mode="json"),
+                "step": step,
+                "best_metrics": metrics,
+                "patch_size": manifest.get("patch_shape"),
+                "label_map": manifest.get("label_map"),  # inference reports in the training labels' terms
+            }
+            atomic_torch_save(state, self.best_dir() / STATE_FILE)
+
+    def manifest(self, spec: JobSpec) -> dict[str, Any]:
+        """The training manifest (read once; it does not change during a run)."""
+        if not hasattr(self, "_manifest"):
             from hierseg.data.loader import read_manifest
 
-            state["patch_size"] = (read_manifest(spec.data.train) or {}).get("patch_shape")
-            atomic_torch_save(state, self.best_dir() / STATE_FILE)
+            self._manifest = read_manifest(spec.data.train) or {}
+        return self._manifest
 
     def best_dir(self) -> Path:
         return self.root / "best"
