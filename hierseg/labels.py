@@ -221,3 +221,96 @@ def _group_pairs(where: str, groups: Any) -> list[tuple[str, Any]]:
             pairs.append((str(g["name"]), g["classes"]))
         return pairs
     raise ValueError(f"{where}.groups must be a mapping of group name -> list of fine classes")
+
+
+# ------------------------------------------------------------------------------------------ label sets
+SET_ID_OFFSET = NUM_FINE_CLASSES
+"""Stored label ``SET_ID_OFFSET + i`` means "one of the fine classes of label set ``i``" (partial labels)."""
+
+
+@dataclass(frozen=True)
+class LabelSets:
+    """Table of partial labels: set ``i`` (stored label ``12 + i``) is a named set of fine classes.
+
+    Many EM label sources name a group rather than a class ("glia or extracellular space",
+    "neurite, type unknown", "anything but mitochondria"). Such pixels keep that information
+    instead of becoming uncertain: the loss puts probability mass on the set, and the coarse heads
+    learn every group the set decides. The table travels from the label map into the shard
+    manifests and from there into training (``label_sets`` in the manifest and the spec).
+    """
+
+    names: tuple[str, ...] = ()
+    members: tuple[tuple[int, ...], ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.names) != len(self.members):
+            raise ValueError("label sets: one name per set of fine classes")
+        dup = sorted({n for n in self.names if self.names.count(n) > 1})
+        if dup:
+            raise ValueError(f"label set name {dup[0]!r} is used twice; label set names must be unique")
+        for name, members in zip(self.names, self.members, strict=True):
+            check_set_members(name, members)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def table(self) -> torch.Tensor:
+        """``[S, 12]`` bool: ``table[i, c]`` when fine class ``c`` is in set ``i`` (the loss's ``label_sets``)."""
+        table = torch.zeros(len(self), NUM_FINE_CLASSES, dtype=torch.bool)
+        for i, members in enumerate(self.members):
+            table[i, list(members)] = True
+        return table
+
+    def to_config(self) -> list[dict[str, Any]]:
+        """Plain data for manifests and specs: ``[{id, name, classes}]`` with ids ``12, 13, ...``."""
+        return [
+            {"id": SET_ID_OFFSET + i, "name": n, "classes": [FINE_CLASSES[c] for c in m]}
+            for i, (n, m) in enumerate(zip(self.names, self.members, strict=True))
+        ]
+
+    @classmethod
+    def from_config(cls, raw: Sequence[Any] | None, where: str = "label_sets") -> LabelSets:
+        """Read ``[{name, classes[, id]}]`` (the form :meth:`to_config` writes); errors name ``where``."""
+        if raw is None:
+            return cls()
+        if not isinstance(raw, Sequence) or isinstance(raw, str):
+            raise ValueError(f"{where} must be a list of {{name, classes}} mappings")
+        names, members = [], []
+        for i, item in enumerate(raw):
+            if not isinstance(item, Mapping) or "name" not in item or "classes" not in item:
+                raise ValueError(f"{where}[{i}] must be a mapping with 'name' and 'classes'")
+            if item.get("id") is not None and item["id"] != SET_ID_OFFSET + i:
+                raise ValueError(
+                    f"{where}[{i}] has id {item['id']!r} but sets are numbered from {SET_ID_OFFSET} in order: "
+                    f"expected {SET_ID_OFFSET + i}"
+                )
+            classes = item["classes"]
+            if isinstance(classes, (str, int)):
+                classes = [classes]
+            try:
+                idx = tuple(sorted({class_index(c) for c in classes}))
+            except ValueError as e:
+                raise ValueError(f"{where}[{i}] ({item['name']!r}): {e}") from None
+            names.append(str(item["name"]))
+            members.append(idx)
+        return cls(tuple(names), tuple(members))
+
+
+def check_set_members(name: str, members: Sequence[int]) -> None:
+    """Reject sets that carry no information: empty, or all 12 classes (that is ``uncertain``)."""
+    if not members:
+        raise ValueError(f"label set {name!r} is empty; list at least one fine class (or map the value to uncertain)")
+    if len(set(members)) == NUM_FINE_CLASSES:
+        raise ValueError(
+            f"label set {name!r} contains all {NUM_FINE_CLASSES} fine classes, which says nothing: "
+            "that is 'uncertain'; map the value to uncertain instead"
+        )
+
+
+def set_coarse_targets(label_sets: torch.Tensor, lut_CK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per set and group: ``(target [S, K], known [S, K])``: inside -> 1, disjoint -> 0, straddling -> unknown."""
+    members_SC1 = label_sets.to(device=lut_CK.device, dtype=torch.bool).unsqueeze(2)
+    in_group_1CK = (lut_CK > 0).unsqueeze(0)
+    inside = ~(members_SC1 & ~in_group_1CK).any(1)  # no member outside group k
+    disjoint = ~(members_SC1 & in_group_1CK).any(1)  # no member inside group k
+    return inside, inside | disjoint

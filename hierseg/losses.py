@@ -9,6 +9,12 @@ of that loss over the *global* batch (all ranks together). Each rank therefore c
 *sums*, the valid count ``N`` is all-reduced as an int64, and the rank's loss is scaled by ``W / N``
 so that DDP's gradient averaging (divide by ``W``) yields exactly ``d(global sum / N)``. A rank with
 no valid pixel contributes a zero sum (and zero gradient) but still takes part in the collectives.
+
+Partial labels (``label_sets``): a stored label ``12 + i`` means "one of the fine classes of set
+``i``". Such a pixel is valid; its fine term is ``-log sum_{c in set} softmax_c`` and its coarse
+channel ``k`` has target 1 when the set lies inside group ``k``, 0 when it misses it, and is masked
+(contributes 0, still divided by ``K``) when the set straddles it. Batches without a set id run
+exactly the code path of plain labels, so their results are bit-for-bit unchanged.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from hierseg.labels import IGNORE_INDEX
+from hierseg.labels import IGNORE_INDEX, SET_ID_OFFSET, set_coarse_targets
 
 
 class LossTerms(NamedTuple):
@@ -106,6 +112,8 @@ def hierarchical_loss(
     coarse_lut: torch.Tensor | Sequence[torch.Tensor],
     lambda_coarse: float | Sequence[float] = 0.2,
     process_group: dist.ProcessGroup | None = None,
+    *,
+    label_sets: torch.Tensor | None = None,
 ) -> LossTerms:
     """Masked CE + lambda * masked BCE, normalised by the global valid-pixel count.
 
@@ -117,6 +125,8 @@ def hierarchical_loss(
         lambda_coarse: weight of the coarse term (or one per level).
         process_group: group to reduce over when ``torch.distributed`` is initialised
             (default: the world group). Without it the loss is the single-process one.
+        label_sets: optional bool ``[S, 12]`` table; label ``12 + i`` then means "one of the fine
+            classes in row ``i``" (partial labels; see the module docstring).
 
     Uncertain pixels get exactly zero loss and zero gradient in every head. A batch (or a rank)
     with no valid pixel gives a finite zero and zero gradients.
@@ -132,14 +142,17 @@ def hierarchical_loss(
 
     y = y_fine.long()
     valid_BHW = y != IGNORE_INDEX
-    y_safe_BHW = torch.where(valid_BHW, y, 0)
     num_valid = valid_BHW.sum(dtype=torch.int64)
 
-    # CE's ignore_index already gives zero loss and zero gradient to uncertain pixels; fp32 sums.
-    fine_sum = F.cross_entropy(_acc(logits_fine), y, ignore_index=IGNORE_INDEX, reduction="sum")
-    coarse_sums = torch.stack(
-        [coarse_bce_sum(lc, y_safe_BHW, valid_BHW, lut) for lc, lut in zip(coarse_list, luts, strict=True)]
-    )
+    if _uses_sets(y, label_sets):
+        fine_sum, coarse_sums = _set_label_sums(logits_fine, coarse_list, y, luts, label_sets)
+    else:
+        y_safe_BHW = torch.where(valid_BHW, y, 0)
+        # CE's ignore_index already gives zero loss and zero gradient to uncertain pixels; fp32 sums.
+        fine_sum = F.cross_entropy(_acc(logits_fine), y, ignore_index=IGNORE_INDEX, reduction="sum")
+        coarse_sums = torch.stack(
+            [coarse_bce_sum(lc, y_safe_BHW, valid_BHW, lut) for lc, lut in zip(coarse_list, luts, strict=True)]
+        )
     weights = torch.tensor(lambdas, dtype=fine_sum.dtype, device=fine_sum.device)
     local_sum = fine_sum + (weights * coarse_sums).sum()
 
@@ -154,3 +167,64 @@ def hierarchical_loss(
     global_terms = (detached_sums / denom).to(local_sum.dtype)
     loss_coarse = global_terms[1:] if multi else global_terms[1]
     return LossTerms(loss=loss, loss_fine=global_terms[0], loss_coarse=loss_coarse, num_valid=num_valid)
+
+
+# ------------------------------------------------------------------------------------------ label sets
+def _uses_sets(y: torch.Tensor, label_sets: torch.Tensor | None) -> bool:
+    """Whether this rank's batch holds a set id; checks that every id has a row in ``label_sets``.
+
+    Purely local: ranks may take different branches, but both branches make no collective, so
+    every rank still runs the same two all-reduces.
+    """
+    if label_sets is None or y.numel() == 0:
+        return False
+    top = int(y.max())
+    if top < SET_ID_OFFSET:
+        return False
+    if label_sets.dim() != 2 or label_sets.shape[1] != SET_ID_OFFSET:
+        raise ValueError(f"label_sets must be a bool [S, {SET_ID_OFFSET}] table, got shape {tuple(label_sets.shape)}")
+    if top >= SET_ID_OFFSET + label_sets.shape[0]:
+        raise ValueError(
+            f"label value {top} is a set id but label_sets has only {label_sets.shape[0]} rows "
+            f"(ids {SET_ID_OFFSET}..{SET_ID_OFFSET + label_sets.shape[0] - 1}); pass the shards' label_sets table"
+        )
+    return True
+
+
+def _set_label_sums(
+    logits_fine: torch.Tensor,
+    coarse_list: list[torch.Tensor],
+    y: torch.Tensor,
+    luts: list[torch.Tensor],
+    label_sets: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fine and per-level coarse sums when the batch holds set ids.
+
+    Single-class pixels use the same kernels as the plain path (set pixels act as uncertain
+    there); set pixels are gathered into ``[N, C]`` rows so no ``[B, C, H, W]`` set mask is built
+    and no per-pixel Python runs.
+    """
+    is_set_BHW = y >= SET_ID_OFFSET
+    fine_px_BHW = (y != IGNORE_INDEX) & ~is_set_BHW
+    y_fine_only = torch.where(is_set_BHW, IGNORE_INDEX, y)
+    y_safe_BHW = torch.where(fine_px_BHW, y, 0)
+    set_id_N = y[is_set_BHW] - SET_ID_OFFSET
+    members_NC = label_sets.to(device=y.device, dtype=torch.bool)[set_id_N]
+
+    # cross_entropy is nll_loss(log_softmax(x, 1)); sharing that one log_softmax pass, a set pixel's
+    # -log sum_{c in S} softmax_c = -logsumexp over S of log_softmax is stable and, for a set of
+    # one class, bit-identical to that class's CE term (logsumexp of one finite entry is the entry).
+    logp_BCHW = torch.log_softmax(_acc(logits_fine), dim=1)
+    fine_sum = F.nll_loss(logp_BCHW, y_fine_only, ignore_index=IGNORE_INDEX, reduction="sum")
+    logp_NC = logp_BCHW.permute(0, 2, 3, 1)[is_set_BHW]
+    fine_sum = fine_sum - torch.logsumexp(logp_NC.masked_fill(~members_NC, -torch.inf), dim=1).sum()
+
+    coarse = []
+    for lc, lut in zip(coarse_list, luts, strict=True):
+        plain = coarse_bce_sum(lc, y_safe_BHW, fine_px_BHW, lut)
+        target_SK, known_SK = set_coarse_targets(label_sets.to(y.device), lut.to(y.device))
+        x_NK = _acc(lc).permute(0, 2, 3, 1)[is_set_BHW]
+        bce_NK = F.binary_cross_entropy_with_logits(x_NK, target_SK[set_id_N].to(x_NK.dtype), reduction="none")
+        masked = torch.where(known_SK[set_id_N], bce_NK, torch.zeros_like(bce_NK))
+        coarse.append(plain + masked.sum() / lut.shape[1])
+    return fine_sum, torch.stack(coarse)

@@ -199,7 +199,10 @@ def _shuffled(items: Iterator[Any], size: int, rng: np.random.Generator) -> Iter
 
 
 def class_weights(manifest: dict | None) -> torch.Tensor:
-    """Per-class weights ``sqrt(f_max / f_k)`` from the manifest's valid-pixel histogram (0 for absent classes)."""
+    """Per-class weights ``sqrt(f_max / f_k)`` from the manifest's valid-pixel histogram (0 for absent classes).
+
+    Only ``class_histogram`` (single-class pixels) is used; ``set_histogram`` never changes the weights.
+    """
     if not manifest or "class_histogram" not in manifest:
         raise ValueError(
             "data.class_balanced needs the shards' manifest.json (class_histogram); point data.train at its folder"
@@ -237,7 +240,11 @@ class _TrainSource(IterableDataset):
             return None
         weights = self.cfg["class_weights"]
         if weights is not None:
-            accept = max(0.05, float(weights[label[valid]].mean() / weights.max()))
+            # Only single-class pixels weigh in: label-set pixels (ids >= 12) say nothing about which
+            # fine class is rare, so a patch of set pixels only is kept at the floor rate, never dropped.
+            fine = label[valid & (label < weights.numel())]
+            ratio = float(weights[fine].mean() / weights.max()) if fine.numel() else 0.0
+            accept = max(0.05, ratio)
             if float(torch.rand((), generator=gen)) >= accept:
                 return None
         if self.cfg["augment"] is not None:

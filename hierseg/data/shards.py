@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from hierseg.data.io import file_sha256, list_images, read_array, split_source
-from hierseg.data.labelmap import LabelMap, histogram
+from hierseg.data.labelmap import LabelMap, histogram, set_histogram
 from hierseg.labels import FINE_CLASSES, NUM_FINE_CLASSES
 
 MANIFEST = "manifest.json"
@@ -93,9 +93,15 @@ class ShardSink:
     hist: np.ndarray = field(default_factory=lambda: np.zeros(NUM_FINE_CLASSES, np.int64))
     num_uncertain: int = 0
     num_samples: int = 0
+    num_sets: int = 0
+    """Label sets of the label map: their pixels are counted per set, never as a fine class."""
+    set_hist: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     _members: list[tuple[str, bytes]] = field(default_factory=list)
     _count: int = 0
     _bytes: int = 0
+
+    def __post_init__(self) -> None:
+        self.set_hist = np.zeros(self.num_sets, np.int64)
 
     def add(self, key: str, image: np.ndarray, label: np.ndarray, meta: dict[str, Any]) -> None:
         members = encode_sample(key, image, label, meta)
@@ -105,6 +111,8 @@ class ShardSink:
         h, u = histogram(label)
         self.hist += h
         self.num_uncertain += u
+        if self.num_sets:
+            self.set_hist += set_histogram(label, self.num_sets)
         self.num_samples += 1
         if self._bytes >= self.max_bytes or (self.max_samples and self._count >= self.max_samples):
             self._flush()
@@ -131,6 +139,7 @@ class ShardSink:
             "class_names": list(FINE_CLASSES),
             "class_histogram": [int(x) for x in self.hist],
             "num_uncertain_pixels": int(self.num_uncertain),
+            "set_histogram": [int(x) for x in self.set_hist],
             "shards": self.shards,
             "hierseg_version": _version(),
             **extra,
@@ -345,7 +354,9 @@ def build_shards(
             if split is None:
                 continue
             if split not in sinks:
-                sinks[split] = ShardSink(out / split, int(cfg.shard_mb * (1 << 20)), cfg.samples_per_shard)
+                sinks[split] = ShardSink(
+                    out / split, int(cfg.shard_mb * (1 << 20)), cfg.samples_per_shard, num_sets=len(label_map.sets)
+                )
                 dropped[split], used[split] = 0, []
             if not used[split] or used[split][-1]["name"] != src.name:
                 used[split].append(_source_record(src, image.shape))
@@ -387,7 +398,7 @@ def _finish(sinks, dropped, used, label_map, cfg, provenance, unmapped) -> dict[
             split=split,
             num_dropped_patches=dropped[split],
             label_map=label_map.to_manifest(),
-            label_sets=[],
+            label_sets=label_map.sets.to_config(),
             unmapped_pixels={str(k): v for k, v in sorted(unmapped.items())},
             build={**cfg.__dict__, "stride": cfg.stride or cfg.patch_size},
             sources=used[split],

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hierseg.labels import FINE_CLASSES, NUM_FINE_CLASSES, Hierarchy
+from hierseg.labels import FINE_CLASSES, NUM_FINE_CLASSES, Hierarchy, LabelSets
 from hierseg.metrics import EvalMetrics
 
 
@@ -29,9 +29,11 @@ def run_eval(
     device: torch.device,
     autocast_dtype: torch.dtype | None,
     num_samples: int = 4,
+    label_sets: LabelSets | None = None,
 ) -> tuple[EvalMetrics, EvalSample | None]:
     """Forward every batch of this rank's share; counts are all-reduced once by the caller."""
-    metrics = EvalMetrics(NUM_FINE_CLASSES, luts, device=device)
+    sets = label_sets or LabelSets()
+    metrics = EvalMetrics(NUM_FINE_CLASSES, luts, device=device, label_sets=sets.table(), set_names=sets.names)
     sample = None
     was_training = model.training
     model.eval()
@@ -56,6 +58,8 @@ def summarize(metrics: EvalMetrics, hierarchy: Hierarchy) -> dict[str, float]:
     """MLflow keys: ``val/num_valid``, ``val/fine/miou``, ``val/fine/iou/<class>``, ``val/<level>/iou/<group>``.
 
     Classes with no pixels in target or prediction (soma) are left out rather than logged as 0.
+    ``val/num_valid`` counts single-class pixels (the fine confusion matrix), matching the manifest's
+    ``class_histogram``; set-labelled pixels add ``val/set_accuracy/<set>`` and ``val/num_set_pixels``.
     """
     out: dict[str, float] = {
         "val/num_valid": float(metrics.fine.num_valid),
@@ -74,4 +78,16 @@ def summarize(metrics: EvalMetrics, hierarchy: Hierarchy) -> dict[str, float]:
         valid = ious[~ious.isnan()]
         out[f"val/{level.name}/miou"] = float(valid.mean()) if valid.numel() else math.nan
         out[f"val/{level.name}/consistency"] = hc.rate()
+    out.update(_set_summary(metrics))
+    return out
+
+
+def _set_summary(metrics: EvalMetrics) -> dict[str, float]:
+    """Per-set accuracy (prediction inside the set) for the sets that have pixels."""
+    if not metrics.set_names:
+        return {}
+    out = {"val/num_set_pixels": float(metrics.sets.counts[:, 1].sum())}
+    for name, acc in zip(metrics.set_names, metrics.sets.accuracy().tolist(), strict=True):
+        if not math.isnan(acc):
+            out[f"val/set_accuracy/{name}"] = acc
     return out

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from hierseg.data.labelmap import resolve_label_sets
 from hierseg.data.loader import build_train_loader, build_val_loader, read_manifest
-from hierseg.labels import Hierarchy
+from hierseg.labels import Hierarchy, LabelSets
 from hierseg.losses import LossTerms, hierarchical_loss
 from hierseg.model import UNet, build_model, num_parameters
 from hierseg.spec import JobSpec
@@ -51,6 +52,10 @@ class Job:
     best: dict[str, Any] = field(default_factory=dict)
     last_eval: dict[str, float] = field(default_factory=dict)
     stop_requested: bool = False
+    label_sets: LabelSets = field(default_factory=LabelSets)
+    """Partial-label table of the shards (set ids 12, 13, ...); empty when the labels use none."""
+    set_table: torch.Tensor | None = None
+    """``label_sets`` as the loss's bool ``[S, 12]`` table on the device; ``None`` without sets."""
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -80,6 +85,8 @@ def build_job(spec: JobSpec, ctx: DistContext, run_id: str | None) -> Job:
         seed=spec.run.seed,
     )
     tracker = MlflowTracker(spec.tracking.uri, run_id) if ctx.is_main and run_id else NullTracker()
+    sets_raw = None if spec.data.label_sets is None else [s.model_dump() for s in spec.data.label_sets]
+    label_sets = resolve_label_sets(sets_raw, read_manifest(spec.data.train), read_manifest(spec.data.val))
     return Job(
         spec=spec,
         ctx=ctx,
@@ -93,6 +100,8 @@ def build_job(spec: JobSpec, ctx: DistContext, run_id: str | None) -> Job:
         tracker=tracker,
         checkpoints=build_checkpointer(spec, ctx),
         progress=build_progress(spec, ctx),
+        label_sets=label_sets,
+        set_table=label_sets.table().to(ctx.device) if len(label_sets) else None,
     )
 
 
@@ -106,7 +115,7 @@ def train_step(job: Job, images: torch.Tensor, labels: torch.Tensor) -> LossTerm
     dtype = job.autocast_dtype
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         logits_fine, logits_coarse = job.train_model(images_BCHW)
-    terms = hierarchical_loss(logits_fine, logits_coarse, y_BHW, job.luts, job.spec.lambdas())
+    terms = hierarchical_loss(logits_fine, logits_coarse, y_BHW, job.luts, job.spec.lambdas(), label_sets=job.set_table)
     # The logged terms are global (identical on every rank), so every rank stops together.
     if not bool(torch.isfinite(terms.loss_fine) and torch.isfinite(terms.loss_coarse).all()):
         raise FloatingPointError(
@@ -128,7 +137,7 @@ def evaluate(job: Job) -> dict[str, float]:
     batches = build_val_loader(
         job.spec.data, rank=ctx.rank, world_size=ctx.world_size, batch_size=job.spec.data.batch_size // ctx.world_size
     )
-    metrics, sample = run_eval(job.model, batches, job.luts, ctx.device, job.autocast_dtype)
+    metrics, sample = run_eval(job.model, batches, job.luts, ctx.device, job.autocast_dtype, label_sets=job.label_sets)
     metrics.all_reduce()
     summary = summarize(metrics, job.hierarchy)
     job.tracker.log_metrics(summary, job.step)
