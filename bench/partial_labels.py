@@ -10,7 +10,11 @@ seed and number of steps, through the real local launcher. The score is the mito
 held-out sections 16..19 against the source labels (191 vs everything else, every pixel), computed
 from full-section predictions of the final checkpoint, so both variants are scored identically.
 
-    python bench/partial_labels.py [--steps 150] [--out bench_out/partial_labels]
+    python bench/partial_labels.py [--steps 150] [--out DIR (default: a temporary folder)]
+
+Measured (2 shared CPU cores, 150 steps, batch 4, U-Net base 8 / depth 3, seed 0, ~9 min wall):
+label_sets mito IoU 0.181 (precision 0.191, recall 0.778) vs uncertain 0.103 (precision 0.103,
+recall 0.999: with mitochondria the only labelled class it predicts mitochondria everywhere), 1.75x.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import multiprocessing as mp
 import shutil
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -122,12 +127,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=ROOT / "bench_out" / "partial_labels")
+    p.add_argument("--out", type=Path, help="working folder (default: a new temporary folder)")
     args = p.parse_args()
     if not DATA.is_dir():
         print(f"skipped: {DATA} is absent")
         return
-    out = args.out.resolve()
+    out = (args.out or Path(tempfile.mkdtemp(prefix="hierseg-bench-partial-"))).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "uncertain.yaml").write_text(UNCERTAIN_MAP)
     variants = {
