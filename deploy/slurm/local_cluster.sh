@@ -13,11 +13,15 @@
 # `start` twice leaves one set of daemons; `stop` on a stopped cluster is a no-op.
 #
 # Environment: HIERSEG_SLURM_DIR (state, spool, logs; default /tmp/hierseg-slurm),
-#              HIERSEG_SLURM_PARTITION (default "debug"), HIERSEG_SLURM_TIMEOUT (seconds to wait, default 60).
+#              HIERSEG_SLURM_PARTITION (default "debug"), HIERSEG_SLURM_TIMEOUT (seconds to wait, default 60),
+#              HIERSEG_SLURM_CRED_EXPIRE (AuthInfo cred_expire, default 20 s; a requeued job waits this + 1 s
+#              before it may start again, 121 s with Slurm's default of 120; 20 s still leaves a loaded
+#              machine ample time to launch a step). A changed slurm.conf applies on the next stop + start.
 set -euo pipefail
 
 STATE_DIR=${HIERSEG_SLURM_DIR:-/tmp/hierseg-slurm}
 CONF=$STATE_DIR/slurm.conf
+CRED_EXPIRE=${HIERSEG_SLURM_CRED_EXPIRE:-20}
 PARTITION=${HIERSEG_SLURM_PARTITION:-debug}
 TIMEOUT=${HIERSEG_SLURM_TIMEOUT:-60}
 PACKAGES=(slurmctld slurmd slurm-client munge)
@@ -64,6 +68,7 @@ write_conf() {
 ClusterName=hierseg
 SlurmctldHost=$host(127.0.0.1)
 AuthType=auth/munge
+AuthInfo=cred_expire=$CRED_EXPIRE
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation=$STATE_DIR/ctld
