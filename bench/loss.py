@@ -32,12 +32,20 @@ def plain_ce(lf, lc, y):
     return F.cross_entropy(lf, y, ignore_index=IGNORE_INDEX)
 
 
+_LUTS: dict[torch.device, torch.Tensor] = {}
+
+
+def lut_on(device):
+    """The LUT moved once per device, as the training loop does (not a copy per call)."""
+    return _LUTS.setdefault(device, LUT.to(device))
+
+
 def hierseg_loss(lf, lc, y):
-    return hierarchical_loss(lf, lc, y, LUT.to(lf.device)).loss
+    return hierarchical_loss(lf, lc, y, lut_on(lf.device)).loss
 
 
 def plan_loss(lf, lc, y):
-    return compute_losses(lf, lc, y, lut=LUT.to(lf.device))[0]
+    return compute_losses(lf, lc, y, lut=lut_on(lf.device))[0]
 
 
 VARIANTS = {"hierarchical_loss": hierseg_loss, "plan compute_losses": plan_loss, "plain masked CE": plain_ce}

@@ -19,6 +19,7 @@ exactly the code path of plain labels, so their results are bit-for-bit unchange
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -90,11 +91,21 @@ class _MaskedCoarseBCESum(torch.autograd.Function):
         return grad, None, None, None
 
 
+_PARTITION_INDEX: dict[int, torch.Tensor | None] = {}  # id(lut) -> index; entries die with their LUT
+
+
 def _partition_index(lut_CK: torch.Tensor) -> torch.Tensor | None:
-    """Group index per fine class when every class is in exactly one group, else ``None``."""
-    if not bool((lut_CK.sum(1) == 1).all()):
-        return None
-    return lut_CK.argmax(1)
+    """Group index per fine class when every class is in exactly one group, else ``None``.
+
+    Cached per LUT tensor: the check reads the table on the host, which would stall a GPU every
+    step if the training loop (which reuses its LUT tensors) paid it each time.
+    """
+    key = id(lut_CK)
+    if key not in _PARTITION_INDEX:
+        is_partition = bool((lut_CK.sum(1) == 1).all())
+        _PARTITION_INDEX[key] = lut_CK.argmax(1) if is_partition else None
+        weakref.finalize(lut_CK, _PARTITION_INDEX.pop, key, None)
+    return _PARTITION_INDEX[key]
 
 
 def coarse_bce_sum(
@@ -153,8 +164,8 @@ def hierarchical_loss(
         coarse_sums = torch.stack(
             [coarse_bce_sum(lc, y_safe_BHW, valid_BHW, lut) for lc, lut in zip(coarse_list, luts, strict=True)]
         )
-    weights = torch.tensor(lambdas, dtype=fine_sum.dtype, device=fine_sum.device)
-    local_sum = fine_sum + (weights * coarse_sums).sum()
+    # Python-float weights: no host-to-device copy per step.
+    local_sum = fine_sum + sum(lam * coarse_sums[i] for i, lam in enumerate(lambdas))
 
     world = _world(process_group)
     detached_sums = torch.cat([fine_sum.detach().reshape(1), coarse_sums.detach()]).double()
