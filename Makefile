@@ -36,8 +36,13 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Side-by-side benchmarks (each prints ratios measured in one run); ~10 min on 2 cores.
 bench: setup
 	$(BIN)/python bench/loss.py
+	$(BIN)/python bench/loader.py
+	$(BIN)/python bench/step.py
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/infer.py --depth 4 --size 512
 
 clean:
 	rm -rf $(VENV) .pytest_cache hierseg_runs mlflow.db mlruns
