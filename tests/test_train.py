@@ -149,3 +149,33 @@ def test_ray_two_workers_and_sigkill_recovery(shards, tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.metrics["val/num_valid"] == _val_valid_pixels(shards)
     assert run.data.tags["hierseg.launcher"] == "ray"
+
+
+def test_non_finite_loss_stops_naming_the_step(shards, tmp_path):
+    """A NaN in the model makes train_step raise FloatingPointError naming the step."""
+    from hierseg.train.context import init_context
+    from hierseg.train.loop import build_job, train_step
+
+    spec = validate_spec(tiny_spec(shards, tmp_path, run={"num_workers": 1}))
+    job = build_job(spec, init_context(spec, "local"), None)
+    images, labels = next(iter(job.stream))
+    with torch.no_grad():
+        job.model.fine_head.bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 1"):
+        train_step(job, images, labels)
+
+
+def test_tracking_outage_mid_run_is_buffered_not_fatal(monkeypatch):
+    """An unreachable tracking server during a run: flush warns and keeps the metrics for later."""
+    from hierseg.tracking import MlflowTracker
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own back-off would take minutes
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tracker = MlflowTracker(f"http://127.0.0.1:{port}", "0" * 32, retry_s=0.5)
+    tracker.log_metrics({"train/loss_fine": 1.0, "train/loss_coarse": 0.5}, step=3)
+    with pytest.warns(UserWarning, match="will retry later"):
+        tracker.flush()
+    assert len(tracker._buffer) == 2
