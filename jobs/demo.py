@@ -55,13 +55,14 @@ def main(argv: list[str] | None = None) -> int:
         "\n".join(
             [
                 "",
-                f"hierseg demo finished in {minutes:.1f} min ({outcome['step']} steps on {spec.run.num_workers} Ray workers)",
+                f"hierseg demo finished in {minutes:.1f} min "
+                f"({outcome['step']} steps on {spec.run.num_workers} Ray workers)",
                 f"  validation pixel accuracy : {accuracy:.3f}   (uncertain pixels excluded)",
                 f"  majority-class baseline   : {baseline:.3f}   (always predict the most frequent class)",
                 f"  validation fine mIoU      : {miou:.3f}",
                 f"  registered model          : {outcome.get('model_uri')}",
                 f"  MLflow run                : {run.info.run_id} in experiment {spec.tracking.experiment!r}",
-                f"  evaluation plots          : artifacts eval/step_*/ (confusion.png, iou.png, samples.png)",
+                "  evaluation plots          : artifacts eval/step_*/ (confusion.png, iou.png, samples.png)",
                 "",
                 "Open the MLflow UI (local only):",
                 f"  {Path(sys.executable).parent}/mlflow ui --backend-store-uri {store} --host 127.0.0.1 --port 5000",

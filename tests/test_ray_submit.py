@@ -65,7 +65,9 @@ def test_ray_job_submit_trains_on_the_cluster(ray_head, tmp_path):
     args = [str(ROOT / "deploy" / "ray" / "submit.sh"), "examples/specs/quickstart.yaml"]
     for s in sets:
         args += ["--set", s]
-    out = subprocess.run(args, env=dict(env, RAY_ADDRESS=address), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    out = subprocess.run(
+        args, env=dict(env, RAY_ADDRESS=address), capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert "succeeded" in out.stdout + out.stderr
     (run,) = mlflow_runs(spec["tracking"]["uri"])

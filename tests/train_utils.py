@@ -57,7 +57,9 @@ def ray_env(tmp: Path | None = None) -> dict[str, str]:
     return env
 
 
-def train_cli(spec_path: Path, *args: str, env: dict[str, str] | None = None, timeout: int = 400, cwd: Path | None = None):
+def train_cli(
+    spec_path: Path, *args: str, env: dict[str, str] | None = None, timeout: int = 400, cwd: Path | None = None
+):
     return subprocess.run(
         [sys.executable, TRAIN, "--spec", str(spec_path), *args],
         capture_output=True,
