@@ -8,11 +8,16 @@ long run. Every other rank gets :class:`NullTracker`, so the loop never tests ``
 from __future__ import annotations
 
 import logging
+import queue
+import shutil
 import subprocess
+import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +35,9 @@ class NullTracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
-    def log_figure(self, figure: Any, path: str) -> None: ...
-
-    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None: ...
-
     def flush(self) -> None: ...
+
+    def wait(self) -> None: ...
 
     def log_eval_figures(self, metrics: Any, sample: Any, hierarchy: Any, step: int) -> None: ...
 
@@ -43,7 +46,12 @@ class NullTracker:
 
 
 class MlflowTracker:
-    """Logs into an existing MLflow run; metrics are buffered and sent with ``log_batch``."""
+    """Logs into an existing MLflow run from a background thread, so an outage never stalls training.
+
+    Metrics are buffered and sent with ``log_batch``; figures are rendered here and uploaded by the
+    sender. A failed send is retried with back-off for ``retry_s``, then kept and sent with the next
+    batch. ``wait()`` blocks until everything queued so far was sent or given up on.
+    """
 
     def __init__(self, uri: str, run_id: str, flush_every: int = 200, retry_s: float = 120.0):
         from mlflow.tracking import MlflowClient
@@ -51,26 +59,33 @@ class MlflowTracker:
         self.uri, self.run_id = uri, run_id
         self.client = MlflowClient(tracking_uri=uri)
         self.flush_every, self.retry_s = flush_every, retry_s
-        self._buffer: list[Any] = []
+        self._pending: list[Any] = []  # logged, not yet queued (training thread)
+        self._unsent: list[Any] = []  # queued but failed; resent first (sender thread)
+        self._jobs: queue.Queue[Callable[[], None]] = queue.Queue()
+        threading.Thread(target=self._send_loop, name="hierseg-mlflow", daemon=True).start()
+
+    @property
+    def num_unsent_metrics(self) -> int:
+        return len(self._pending) + len(self._unsent)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._buffer += [Metric(k, float(v), now, step) for k, v in metrics.items() if v == v]  # drop NaN
-        if len(self._buffer) >= self.flush_every:
+        self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items() if v == v]  # drop NaN
+        if len(self._pending) >= self.flush_every:
             self.flush()
 
     def flush(self) -> None:
-        """Send buffered metrics; on an outage keep them for the next flush rather than fail the run."""
-        while self._buffer:
-            chunk = self._buffer[:1000]  # MLflow's per-request metric limit
-            if not self._retry(lambda c=chunk: self.client.log_batch(self.run_id, metrics=c), "log metrics"):
-                return
-            del self._buffer[: len(chunk)]
+        """Hand the buffered metrics to the sender; returns at once."""
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self._jobs.put(lambda: self._send_metrics(batch))
 
-    def log_figure(self, figure: Any, path: str) -> None:
-        self._retry(lambda: self.client.log_figure(self.run_id, figure, path), f"log figure {path}")
+    def wait(self) -> None:
+        """Block until everything logged so far was sent (or given up on after ``retry_s``)."""
+        self.flush()
+        self._jobs.join()
 
     def log_eval_figures(self, metrics: Any, sample: Any, hierarchy: Any, step: int) -> None:
         """Confusion heat map, IoU bars and validation patches side by side, under ``eval/step_N/``."""
@@ -81,21 +96,53 @@ class MlflowTracker:
         figures = {"confusion.png": plots.confusion_figure(metrics), "iou.png": plots.iou_figure(metrics, hierarchy)}
         if sample is not None:
             figures["samples.png"] = plots.samples_figure(sample, hierarchy)
-        for name, fig in figures.items():
-            self.log_figure(fig, f"eval/step_{step:08d}/{name}")
+        folder = Path(tempfile.mkdtemp(prefix="hierseg-eval-"))
+        for name, fig in figures.items():  # rendered here: pyplot is not thread-safe
+            fig.savefig(folder / name, dpi=100)
             plt.close(fig)
+        self._jobs.put(lambda: self._upload_folder(folder, f"eval/step_{step:08d}"))
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        self._retry(lambda: self.client.log_artifact(self.run_id, str(local_path), artifact_path), "log artifact")
+        self._jobs.put(
+            lambda: self._retry(
+                lambda: self.client.log_artifact(self.run_id, str(local_path), artifact_path), "log artifact"
+            )
+        )
 
     def log_model(self, checkpoint: Path, spec: JobSpec) -> str | None:
         """Log the checkpoint as an MLflow pyfunc model; register it when the spec asks."""
         from hierseg.pyfunc import log_checkpoint_model
 
-        self.flush()
+        self.wait()
         return log_checkpoint_model(self.uri, self.run_id, checkpoint, spec)
 
-    def _retry(self, call: Any, what: str) -> bool:
+    # ------------------------------------------------------------------------------ sender thread
+    def _send_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                job()
+            except Exception as e:  # a bug in one upload must not stop the sender
+                log.warning("MLflow at %s: %s", self.uri, e)
+            finally:
+                self._jobs.task_done()
+
+    def _send_metrics(self, batch: list[Any]) -> None:
+        metrics, self._unsent = self._unsent + batch, []
+        while metrics:
+            chunk = metrics[:1000]  # MLflow's per-request metric limit
+            if not self._retry(lambda c=chunk: self.client.log_batch(self.run_id, metrics=c), "log metrics"):
+                self._unsent = metrics
+                return
+            del metrics[: len(chunk)]
+
+    def _upload_folder(self, folder: Path, artifact_path: str) -> None:
+        try:
+            self._retry(lambda: self.client.log_artifacts(self.run_id, str(folder), artifact_path), "log figures")
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _retry(self, call: Callable[[], Any], what: str) -> bool:
         delay, deadline = 1.0, time.monotonic() + self.retry_s
         while True:
             try:

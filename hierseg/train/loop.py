@@ -269,7 +269,7 @@ def train_worker(config: dict[str, Any], ctx: DistContext | None = None) -> dict
         _install_stop_handlers(job)
         resume(job)
         finished = run_loop(job)
-        job.tracker.flush()
+        job.tracker.wait()
         log_model = finished and spec.tracking.log_model and job.best
         model_uri = job.tracker.log_model(job.checkpoints.best_dir(), spec) if log_model else None
         job.progress.finish(job.best, model_uri)
