@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from hierseg.infer import PredictError, PredictOptions, load_model, predict_image
-from hierseg.labels import FINE_CLASSES, NUM_FINE_CLASSES, Hierarchy
+from hierseg.labels import FINE_CLASSES, NUM_FINE_CLASSES, Hierarchy, LabelSets
 from hierseg.metrics import ConfusionMatrix, GroupConfusion
 
 
@@ -54,11 +54,21 @@ def volume_samples(image: str, labels: str, label_map: str | None) -> Iterator[t
         yield stack[z], mapped
 
 
-def score(model: torch.nn.Module, hierarchy: Hierarchy, samples: Any, opts: PredictOptions) -> dict[str, Any]:
-    """Confusion counts over all samples, then the per-class report."""
+def score(
+    model: torch.nn.Module,
+    hierarchy: Hierarchy,
+    samples: Any,
+    opts: PredictOptions,
+    label_sets: LabelSets | None = None,
+) -> dict[str, Any]:
+    """Confusion counts over all samples, then the per-class report.
+
+    Partial-label (set) pixels count in the coarse table for the groups their set decides.
+    """
     fine = ConfusionMatrix(NUM_FINE_CLASSES)
     level = hierarchy.levels[0]
-    groups = GroupConfusion(level.lut())
+    table = label_sets.table() if label_sets is not None and len(label_sets) else None
+    groups = GroupConfusion(level.lut(), label_sets=table)
     for image, label in samples:
         out = predict_image(model, image, hierarchy=hierarchy, options=opts)
         y = torch.from_numpy(np.asarray(label, dtype=np.int64))
@@ -136,6 +146,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _label_sets(args: argparse.Namespace) -> LabelSets | None:
+    """The set table of the labels being scored: the shards' manifest, or the label map's."""
+    from hierseg.data.labelmap import LabelMap, manifest_label_sets
+    from hierseg.data.loader import read_manifest
+
+    if args.shards:
+        return manifest_label_sets(read_manifest(args.shards), f"manifest of {args.shards}")
+    return LabelMap.from_yaml(args.label_map).sets if args.label_map else None
+
+
 def main(argv: list[str] | None = None) -> int:
     from hierseg.registry import RegistryError
 
@@ -146,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         model, spec = load_model(args.model, args.tracking_uri)
         opts = PredictOptions(args.tile, args.overlap, args.batch, coarse_threshold=2.0 if args.raw else 0.5)
         samples = shard_samples(args.shards) if args.shards else volume_samples(args.image, args.labels, args.label_map)
-        rep = score(model, spec.hierarchy.build(), samples, opts)
+        rep = score(model, spec.hierarchy.build(), samples, opts, _label_sets(args))
     except (RegistryError, ValueError, ConnectionError) as e:
         print(f"hierseg evaluate: {e}", file=sys.stderr)
         return 2
