@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -91,13 +92,25 @@ class Progress(NullProgress):
         )
 
     def note(self, text: str) -> None:
-        print(f"[hierseg] {text}", file=sys.stdout, flush=True)
+        _progress_logger().info(text)
 
     def finish(self, best: dict[str, Any], model_uri: str | None) -> None:
         if best:
             self.note(f"best {self.metric} = {best['value']:.4f} at step {best['step']}")
         if model_uri:
             self.note(f"model logged: {model_uri}")
+
+
+def _progress_logger() -> logging.Logger:
+    """Progress lines on stdout, once: a logger of our own (Ray Train patches ``print`` to tee it)."""
+    log = logging.getLogger("hierseg.progress")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[hierseg] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
 
 
 def _hms(seconds: float) -> str:
