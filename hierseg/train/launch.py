@@ -49,14 +49,19 @@ def absolutize(spec: JobSpec) -> JobSpec:
     )
 
 
+def preflight_data_only(spec: JobSpec) -> None:
+    """Make the synthetic shards when asked, and check that both shard sets resolve."""
+    ensure_synthetic(spec.data)
+    for field in ("train", "val"):
+        try:
+            resolve_shards(getattr(spec.data, field))
+        except ValueError as e:
+            raise PreflightError(f"data.{field}: {e}") from None
+
+
 def preflight(spec: JobSpec) -> None:
     try:
-        ensure_synthetic(spec.data)
-        for field in ("train", "val"):
-            try:
-                resolve_shards(getattr(spec.data, field))
-            except ValueError as e:
-                raise PreflightError(f"data.{field}: {e}") from None
+        preflight_data_only(spec)
         check_tracking_uri(spec.tracking.uri)
     except (ValueError, ConnectionError, OSError) as e:
         raise PreflightError(str(e)) from None
