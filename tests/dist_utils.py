@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 
 def _entry(rank: int, world: int, init_file: str, out_dir: str, fn: Callable[..., Any], args: tuple) -> None:
@@ -29,3 +30,18 @@ def run_ranks(world: int, fn: Callable[..., Any], *args: Any) -> list[Any]:
         init_file = os.path.join(tmp, "init")
         mp.start_processes(_entry, args=(world, init_file, tmp, fn, args), nprocs=world, start_method="spawn")
         return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+class TinyNet(nn.Module):
+    """A small deterministic two-head net for DDP gradient comparisons."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Conv2d(1, 8, 3, padding=1)
+        self.fine = nn.Conv2d(8, 12, 1)
+        self.coarse = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        return self.fine(h), self.coarse(h)

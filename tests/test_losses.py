@@ -4,7 +4,7 @@ from torch import nn
 
 from hierseg.labels import Hierarchy
 from hierseg.losses import hierarchical_loss
-from tests.dist_utils import run_ranks
+from tests.dist_utils import TinyNet, run_ranks
 from tests.plan_reference import PLAN_LUT, compute_losses
 
 
@@ -98,19 +98,6 @@ def test_bf16_autocast_accumulates_in_fp32():
 
 
 # ---------------------------------------------------------------------------------------- distributed
-class TinyNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Conv2d(1, 8, 3, padding=1)
-        self.fine = nn.Conv2d(8, 12, 1)
-        self.coarse = nn.Conv2d(8, 5, 1)
-
-    def forward(self, x):
-        h = torch.tanh(self.body(x))
-        return self.fine(h), self.coarse(h)
-
-
 UNCERTAIN_PER_RANK = (0.05, 0.8, 1.0)  # very different valid counts; the last rank has none
 
 

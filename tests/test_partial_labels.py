@@ -17,7 +17,7 @@ from hierseg.data.labelmap import LabelMap, resolve_label_sets, set_histogram
 from hierseg.labels import FINE_CLASSES, Hierarchy, LabelSets, class_index
 from hierseg.losses import hierarchical_loss
 from hierseg.metrics import EvalMetrics
-from tests.dist_utils import run_ranks
+from tests.dist_utils import TinyNet, run_ranks
 from tests.plan_reference import PLAN_LUT
 
 MAPS = Path(__file__).resolve().parents[1] / "examples" / "label_maps"
@@ -153,19 +153,6 @@ def test_multi_level_and_unknown_set_id() -> None:
 
 
 # ------------------------------------------------------------------------------------------ DDP
-class TinyNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Conv2d(1, 8, 3, padding=1)
-        self.fine = nn.Conv2d(8, 12, 1)
-        self.coarse = nn.Conv2d(8, 5, 1)
-
-    def forward(self, x):
-        h = torch.tanh(self.body(x))
-        return self.fine(h), self.coarse(h)
-
-
 RANK_MIX = ((0.3, 0.1), (1.0, 0.0), (0.0, 1.0))  # mixed; only sets; only uncertain
 
 

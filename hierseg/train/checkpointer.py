@@ -29,6 +29,8 @@ class Checkpointer(Protocol):
 
     def best_dir(self) -> Path: ...
 
+    def manifest(self, spec: JobSpec) -> dict[str, Any]: ...
+
 
 class _BestOnOwner:
     """The best evaluation's weights, written by the owning rank only."""

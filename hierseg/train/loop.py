@@ -173,7 +173,7 @@ def checkpoint_state(job: Job) -> dict[str, Any]:
         "last_eval": job.last_eval,
         "spec": job.spec.model_dump(mode="json"),
         "run_id": job.tracker.run_id,
-        "patch_size": (read_manifest(job.spec.data.train) or {}).get("patch_shape"),
+        "patch_size": job.checkpoints.manifest(job.spec).get("patch_shape"),
     }
 
 
