@@ -1,9 +1,18 @@
-"""``hierseg <verb>``: one console script for every job; each verb lives in its own module."""
+"""``hierseg <verb>``: one console script for every job; each verb lives in its own module.
+
+Every verb (and every ``jobs/*.py`` script) runs through :func:`run_verb`: an error ends as one line
+``hierseg <verb>: <message>`` and exit 1 (argument and spec errors keep their own exit 2); the
+traceback is printed only with ``--debug`` (or ``HIERSEG_DEBUG=1``). Errors raised on Ray workers
+arrive wrapped (``TrainingFailedError`` -> worker failures -> ``RayTaskError``); the message shown is
+the root cause's, which is the one hierseg wrote.
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from collections.abc import Callable
 
 # verb -> "module:function"; imported lazily so `hierseg --help` does not pay for torch/ray/mlflow.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -14,13 +23,69 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("hierseg.evaluate:main", "per-class IoU/Dice of a model on labelled shards"),
     "promote": ("hierseg.registry:main", "pick the best run by a metric and point a registry alias at it"),
     "sweep": ("hierseg.sweep:main", "expand a sweep into trials; run locally or as a Slurm array"),
+    "replay-tracking": ("hierseg.tracking:replay_main", "send an offline tracking record into MLflow"),
 }
+
+# Exception types whose message alone says what happened; any other type is shown with its name
+# (a bare KeyError "'x'" means nothing without it).
+_SELF_EXPLAINING = (ValueError, RuntimeError, OSError, ConnectionError)
 
 
 def usage() -> str:
-    lines = ["usage: hierseg <command> [options]", "", "commands:"]
-    lines += [f"  {verb:<12} {help_}" for verb, (_, help_) in COMMANDS.items()]
+    lines = ["usage: hierseg <command> [options] [--debug]", "", "commands:"]
+    lines += [f"  {verb:<16} {help_}" for verb, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The exception a Ray worker (or the Ray Train controller) actually raised.
+
+    Only Ray's wrappers are unwrapped: hierseg's own ``raise Clear(...) from e`` keeps the clear outer
+    message, so ``__cause__`` chains are not followed.
+    """
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        failures = getattr(exc, "worker_failures", None)  # ray.train.WorkerGroupError: rank -> error
+        if isinstance(failures, dict) and failures:
+            exc = failures[min(failures)]
+        elif isinstance(getattr(exc, "controller_failure", None), BaseException):  # ray.train.ControllerError
+            exc = exc.controller_failure
+        elif isinstance(getattr(exc, "_base_exc", None), BaseException):  # UserExceptionWithTraceback
+            exc = exc._base_exc
+        elif type(exc).__module__.startswith("ray") and isinstance(getattr(exc, "cause", None), BaseException):
+            exc = exc.cause  # RayTaskError(...) and its dual subclasses
+        else:
+            break
+    return exc
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` without any traceback text Ray may have folded into it."""
+    text = str(exc).split("Traceback (most recent call last)")[0].strip()
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
+    if type(exc).__module__.startswith("hierseg") or type(exc) in _SELF_EXPLAINING:
+        return text
+    return f"{type(exc).__name__}: {text}"
+
+
+def run_verb(verb: str, func: Callable[[list[str]], int | None], argv: list[str]) -> int:
+    """Run one verb: one line and exit 1 on error, the traceback only with ``--debug``."""
+    debug = "--debug" in argv or os.environ.get("HIERSEG_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return int(func(argv) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"hierseg {verb}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        cause = root_cause(e)
+        print(f"hierseg {verb}: {one_line(cause)} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hierseg: unknown command {verb!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module, func = COMMANDS[verb][0].split(":")
-    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    return run_verb(verb, lambda args: getattr(importlib.import_module(module), func)(args), rest)
 
 
 if __name__ == "__main__":

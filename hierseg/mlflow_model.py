@@ -17,11 +17,15 @@ from hierseg.pyfunc import CHECKPOINT_ARTIFACT, model_from_checkpoint
 class HiersegPyfunc(mlflow.pyfunc.PythonModel):
     """Input: float32 images ``[N, H, W]`` or ``[N, C, H, W]`` in [0, 1]. Output: fine labels ``[N, H, W]`` int16."""
 
-    def load_context(self, context):
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.model, self.spec = model_from_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
         self.hierarchy = self.spec.hierarchy.build()
 
-    def predict(self, context, model_input, params=None):
+    # np.ndarray hints: MLflow validates the input type and keeps the explicit tensor signature we log
+    # (it infers no signature from an ndarray hint), instead of warning that the method has no hints.
+    def predict(
+        self, context: mlflow.pyfunc.PythonModelContext, model_input: np.ndarray, params: dict | None = None
+    ) -> np.ndarray:
         from hierseg.infer import predict_image
 
         x = np.asarray(model_input, dtype=np.float32)

@@ -19,6 +19,7 @@ from hierseg.model import UNet, build_model
 from hierseg.spec import JobSpec, validate_spec
 
 CHECKPOINT_ARTIFACT = "checkpoint"
+_EXAMPLE_SIDE = 32  # small: MLflow runs the model on the example while logging
 
 
 def model_from_state(state: dict[str, Any]) -> tuple[UNet, JobSpec]:
@@ -74,6 +75,8 @@ def log_checkpoint_model(uri: str, run_id: str, checkpoint: Path, spec: JobSpec)
             python_model=str(Path(__file__).with_name("mlflow_model.py")),  # models-from-code: nothing pickled
             artifacts={CHECKPOINT_ARTIFACT: str(Path(checkpoint) / STATE_FILE)},
             signature=signature,
+            # a small all-zero image: MLflow stores it and checks once that the model predicts on it
+            input_example=np.zeros((1, spec.model.in_channels, _EXAMPLE_SIDE, _EXAMPLE_SIDE), np.float32),
             pip_requirements=[f"hierseg=={__version__}", f"torch>={torch.__version__.split('+')[0]}"],
             metadata={"hierseg": card},
         )

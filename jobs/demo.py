@@ -79,4 +79,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hierseg.cli import run_verb
+
+    sys.exit(run_verb("demo", main, sys.argv[1:]))  # errors end as one line; --debug: traceback

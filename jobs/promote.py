@@ -1,11 +1,11 @@
 """Point a registry alias at the best run: ``python jobs/promote.py --spec S.yaml [--metric M --mode max]``.
 
-Also ``hierseg promote``; see ``--help``.
+Also ``hierseg promote``; see ``--help``. Errors end as one line (``--debug``: traceback).
 """
 
 import sys
 
-from hierseg.registry import main
+from hierseg.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["promote", *sys.argv[1:]]))

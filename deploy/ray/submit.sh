@@ -13,8 +13,15 @@
 # RAY_AUTH_MODE=token (and can read that token). This script sets RAY_AUTH_MODE=token unless you set it;
 # a cluster started with RAY_AUTH_MODE=disabled (private machine only) needs RAY_AUTH_MODE=disabled here.
 #
+# Relative paths (data.train/val, run.storage_path, a sqlite:/// tracking store), in the spec or in --set, are
+# resolved against the directory you run this script from and passed to the job as absolute --set values:
+# the job itself runs in Ray's temporary copy of the repository, where relative paths would put shards,
+# checkpoints and the MLflow store (and lose them). On a multi-node cluster those absolute paths must be on
+# storage every node mounts (or use URLs and an MLflow server). The script prints where results go.
+#
 # Environment: RAY_ADDRESS, RAY_AUTH_MODE, HIERSEG_MLFLOW_URI (e.g. http://mlflow.internal:5000; passed
-# to the job as MLFLOW_TRACKING_URI and --set tracking.uri=...), HIERSEG_NO_WAIT=1 (return after submitting).
+# to the job as MLFLOW_TRACKING_URI and --set tracking.uri=...), HIERSEG_NO_WAIT=1 (return after submitting),
+# HIERSEG_DRY_RUN=1 (print the `ray job submit` command instead of running it).
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
@@ -24,6 +31,7 @@ fi
 spec=$1
 shift
 [[ -f $spec ]] || { echo "$0: spec file not found: $spec" >&2; exit 2; }
+spec_given=$spec
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 # The job runs in the uploaded copy of this repository, so the spec must be inside it (path made relative).
 spec_abs=$(realpath "$spec")
@@ -38,10 +46,33 @@ if [[ -n ${HIERSEG_MLFLOW_URI:-} ]]; then
   env_vars="{\"PYTHONUNBUFFERED\": \"1\", \"MLFLOW_TRACKING_URI\": \"$HIERSEG_MLFLOW_URI\"}"
   extra=(--set "tracking.uri=$HIERSEG_MLFLOW_URI")
 fi
+# Pin relative paths to the submitter's directory (see the header); a bad spec stops here, before submitting.
+py=$(command -v python || command -v python3)
+resolved=$("$py" "$repo/jobs/train.py" --spec "$spec_given" "$@" "${extra[@]}" --print-absolute-overrides) || exit $?
+pinned=()
+results=""
+while IFS= read -r line; do
+  if [[ $line == "# results: "* ]]; then results=${line#"# results: "}; elif [[ -n $line ]]; then pinned+=(--set "$line"); fi
+done <<< "$resolved"
+
 runtime_env="{\"working_dir\": \"$repo\", \"env_vars\": $env_vars, \"excludes\": [\".venv\", \".git\", \"demo_out\", \"sweeps\", \"mlruns\", \"*.db\"]}"
 wait_flag=()
 [[ -n ${HIERSEG_NO_WAIT:-} ]] && wait_flag=(--no-wait)
 
 # Inside the job, RAY_ADDRESS is set by Ray, so jobs/train.py (launcher ray) connects to this cluster.
-exec ray job submit --address "$RAY_ADDRESS" --runtime-env-json "$runtime_env" "${wait_flag[@]}" \
-  -- python jobs/train.py --spec "$spec" --launcher ray "$@" "${extra[@]}"
+cmd=(ray job submit --address "$RAY_ADDRESS" --runtime-env-json "$runtime_env" "${wait_flag[@]}"
+  -- python jobs/train.py --spec "$spec" --launcher ray "$@" "${extra[@]}" "${pinned[@]}")
+if [[ -n ${HIERSEG_DRY_RUN:-} ]]; then
+  printf '%q ' "${cmd[@]}"
+  echo
+  echo "results would go to: $results"
+  exit 0
+fi
+rc=0
+"${cmd[@]}" || rc=$?
+if [[ $rc -eq 0 ]]; then
+  echo "hierseg: results (on the cluster's file system): $results"
+else
+  echo "hierseg: job failed (exit $rc); results so far: $results" >&2
+fi
+exit $rc

@@ -3,16 +3,24 @@
 A checkpoint is a directory holding ``state.pt`` (model, optimizer, scheduler, step, RNG states,
 per-rank loader positions, best metric, resolved spec, MLflow run id). It is written under a
 temporary name, fsynced, and renamed, so a crash never leaves a half-written checkpoint that looks
-whole. Loading uses ``weights_only=True``.
+whole. Loading uses ``weights_only=True``; a file that does not load is one :class:`CheckpointError`
+naming it and the fix (never torch's advice to load with ``weights_only=False``).
+
+Permissions follow the umask: ``mkstemp``/``mkdtemp`` create 0600/0700, which would lock colleagues
+out of checkpoints on a lab's shared storage, so every file and folder written here is chmod-ed to
+what a plain ``open``/``mkdir`` would have given.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -20,42 +28,91 @@ import numpy as np
 import torch
 
 STATE_FILE = "state.pt"
+INDEX_FILE = "checkpoints.json"
+CHECKPOINT_PREFIX = "checkpoint_"
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
+class CheckpointError(ValueError):
+    """A checkpoint (or its index) that cannot be used; the message names the file and the fix."""
+
+
+# ------------------------------------------------------------------------------------------ umask
+def current_umask() -> int:
+    """The process umask, read without changing it (``os.umask`` can only be read by setting it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # not Linux: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path, is_dir: bool) -> None:
+    """Give ``path`` the mode a plain ``mkdir``/``open`` would have (0777/0666 minus the umask)."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~current_umask())
+
+
+def make_temp_dir(parent: Path, prefix: str) -> Path:
+    """A hidden temporary folder in ``parent`` (same file system: the final rename is atomic)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    follow_umask(tmp, is_dir=True)
+    return tmp
+
+
+def _atomic_write(path: Path, write: Any, mode: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        follow_umask(Path(tmp), is_dir=False)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+
+
 def atomic_write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _atomic_write(path, lambda f: f.write(text), "w")
 
 
+# ------------------------------------------------------------------------------------------ loading
 def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint directory or ``state.pt`` file with ``weights_only=True``."""
     p = Path(path)
     if p.is_dir():
         p = p / STATE_FILE
     if not p.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path} (expected a directory with {STATE_FILE} or the file)")
-    return torch.load(p, map_location=map_location, weights_only=True)
+        raise CheckpointError(f"no checkpoint at {path} (expected a directory with {STATE_FILE} or the file)")
+    try:
+        state = torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's own message recommends weights_only=False, i.e. running the file's code: never repeat it.
+        raise CheckpointError(
+            f"{p}: holds pickled Python objects, which hierseg checkpoints never contain and hierseg will not "
+            "load; use a checkpoint written by hierseg train (or its best/ folder)"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{p}: truncated or corrupt checkpoint ({type(e).__name__}); delete this checkpoint folder "
+            "(training then resumes from the previous one) or copy it again from where it came from"
+        ) from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{p}: not a hierseg checkpoint (no model weights); use one written by hierseg train")
+    return state
 
 
+# ------------------------------------------------------------------------------------------ RNG
 def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state: dict[str, Any] = {
@@ -77,40 +134,101 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ------------------------------------------------------------------------------------------ on disk
 class DiskCheckpoints:
     """Checkpoints under ``<root>/checkpoint_<step>``; keeps the best K by a metric plus the latest.
 
-    Used by the torchrun and local launchers (Ray manages its own with the same policy).
+    Used by the torchrun and local launchers (Ray manages its own with the same policy). Crash safety:
+    a checkpoint folder is complete before it gets its name; the index is rewritten before any pruned
+    folder is deleted (so it never names a deleted folder); and resume takes the newest checkpoint
+    that loads, so a folder damaged or removed behind our back costs one checkpoint, not the run.
     """
 
     def __init__(self, root: Path, keep: int, metric: str, mode: str):
         self.root, self.keep, self.metric, self.mode = root, keep, metric, mode
-        self.index_file = root / "checkpoints.json"
+        self.index_file = root / INDEX_FILE
 
     def _index(self) -> list[dict[str, Any]]:
-        return json.loads(self.index_file.read_text()) if self.index_file.is_file() else []
+        if not self.index_file.is_file():
+            return []
+        try:
+            index = json.loads(self.index_file.read_text())
+            if not isinstance(index, list) or not all(isinstance(e, dict) and "dir" in e for e in index):
+                raise ValueError("expected a list of {dir, metrics} entries")
+        except ValueError as e:
+            raise CheckpointError(
+                f"{self.index_file}: corrupt checkpoint index ({e}); delete it to resume from the newest "
+                "checkpoint_* folder there, or set run.resume=false / a new run.name to start afresh"
+            ) from None
+        return index
+
+    def candidates(self) -> list[Path]:
+        """Checkpoint folders, newest first.
+
+        The index's order (last = newest saved) wins; folders it does not name (the index was removed,
+        or a crash came between the folder's rename and the index update) rank by step around it.
+        """
+        named = [self.root / e["dir"] for e in reversed(self._index())]
+        on_disk = sorted(self.root.glob(f"{CHECKPOINT_PREFIX}*"), reverse=True) if self.root.is_dir() else []
+        extra = [p for p in on_disk if p not in named and p.is_dir()]
+        newest = named[0].name if named else ""
+        return [p for p in extra if p.name > newest] + named + [p for p in extra if p.name <= newest]
 
     def latest(self) -> Path | None:
-        index = self._index()
-        return self.root / index[-1]["dir"] if index else None
+        for path in self.candidates():
+            if (path / STATE_FILE).is_file():
+                return path
+        return None
+
+    def load_latest(self) -> tuple[Path, dict[str, Any]] | None:
+        """``(folder, state)`` of the newest checkpoint that loads; skipped ones are named in a warning."""
+        for path in self.candidates():
+            try:
+                return path, load_state(path)
+            except CheckpointError as e:
+                warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
+        return None
 
     def save(self, state: dict[str, Any], metrics: dict[str, float]) -> Path:
-        name = f"checkpoint_{state['step']:08d}"
+        name = f"{CHECKPOINT_PREFIX}{state['step']:08d}"
         final = self.root / name
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.root))
+        tmp_dir = make_temp_dir(self.root, f".{name}.")
         atomic_torch_save(state, tmp_dir / STATE_FILE)
-        if final.exists():
-            shutil.rmtree(final)
+        old = None
+        if final.exists():  # same step saved again (a stop at a checkpoint step): swap, then delete
+            old = self.root / f".{name}.old-{os.getpid()}"
+            os.replace(final, old)
         os.replace(tmp_dir, final)
         index = [e for e in self._index() if e["dir"] != name] + [{"dir": name, "metrics": metrics}]
-        atomic_write_text(json.dumps(self._prune(index), indent=1), self.index_file)
+        kept, pruned = self._prune(index)
+        atomic_write_text(json.dumps(kept, indent=1), self.index_file)  # the index first, then delete
+        for e in pruned:
+            shutil.rmtree(self.root / e["dir"], ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def _prune(self, index: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        scored = [e for e in index[:-1] if self.metric in e["metrics"]]
+    def _prune(self, index: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        scored = [e for e in index[:-1] if self.metric in e.get("metrics", {})]
         scored.sort(key=lambda e: e["metrics"][self.metric], reverse=self.mode == "max")
         keep = {e["dir"] for e in scored[: self.keep]} | {index[-1]["dir"]}
-        for e in index:
-            if e["dir"] not in keep:
-                shutil.rmtree(self.root / e["dir"], ignore_errors=True)
-        return [e for e in index if e["dir"] in keep]
+        return [e for e in index if e["dir"] in keep], [e for e in index if e["dir"] not in keep]
+
+    def clean_stale_temporaries(self) -> list[Path]:
+        """Remove what a crashed save left: hidden ``.checkpoint_*`` folders and ``.*.tmp`` files.
+
+        Only names this module writes are touched; call it only while holding the run lock (nobody
+        else can be writing them then).
+        """
+        if not self.root.is_dir():
+            return []
+        removed = []
+        for folder in (self.root, self.root / "best"):
+            for p in folder.glob(".*") if folder.is_dir() else []:
+                if p.is_dir() and p.name.startswith(f".{CHECKPOINT_PREFIX}"):
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p)
+                elif p.is_file() and p.name.endswith(".tmp"):
+                    p.unlink(missing_ok=True)
+                    removed.append(p)
+        return removed

@@ -1,4 +1,4 @@
-"""``python jobs/train.py --spec S.yaml [--set k=v ...] [--launcher ray|torchrun|local]``."""
+"""``python jobs/train.py --spec S.yaml [--set k=v ...] [--launcher ray|torchrun|local] [--debug]``."""
 
 from __future__ import annotations
 
@@ -23,7 +23,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="override a spec field, e.g. --set loss.lambda_coarse=0.1 (repeatable)")  # fmt: skip
     ap.add_argument("--launcher", choices=["auto", "ray", "torchrun", "local"], default="auto",
                     help="auto: torchrun when started by torchrun, else ray")  # fmt: skip
+    ap.add_argument("--ray-address", default=None, metavar="HOST:PORT",
+                    help="join this Ray cluster (default: $RAY_ADDRESS, else a new one on 127.0.0.1)")  # fmt: skip
+    ap.add_argument("--print-absolute-overrides", action="store_true",
+                    help="print --set values making the spec's paths absolute (deploy/ray/submit.sh)")  # fmt: skip
     return ap.parse_args(argv)
+
+
+def print_absolute_overrides(spec) -> None:
+    """``key=value`` lines pinning data, storage and SQLite paths to this directory, then where results go.
+
+    Why: under ``ray job submit`` the job runs in a copy of the repository in Ray's temporary folder,
+    where relative paths would put shards, checkpoints and the MLflow store (and lose them).
+    """
+    from hierseg.train.checkpointer import run_dir
+    from hierseg.train.launch import absolutize
+
+    spec = absolutize(spec)
+    for key, value in [("data.train", spec.data.train), ("data.val", spec.data.val),
+                       ("run.storage_path", spec.run.storage_path), ("tracking.uri", spec.tracking.uri)]:  # fmt: skip
+        print(f"{key}={value}")
+    print(f"# results: checkpoints in {run_dir(spec)}, MLflow store {spec.tracking.uri}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as e:
         print(f"hierseg train: {e}", file=sys.stderr)
         return 2
+    if args.print_absolute_overrides:
+        print_absolute_overrides(spec)
+        return 0
+    if args.ray_address:
+        os.environ["RAY_ADDRESS"] = args.ray_address
     launcher = detect_launcher() if args.launcher == "auto" else args.launcher
     from hierseg.train.launch import PreflightError, absolutize, run_in_process, run_ray
 
@@ -48,4 +73,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hierseg.cli import run_verb
+
+    sys.exit(run_verb("train", main, sys.argv[1:]))

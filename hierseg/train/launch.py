@@ -1,14 +1,24 @@
 """Launchers: Ray Train (default), torchrun (Slurm) and local; all run :func:`train_worker`.
 
 The owner of the MLflow run is the Ray driver, or rank 0 under torchrun/local. Before any worker
-starts, the owner checks that the shards exist and the tracking store answers, and makes the
-synthetic demo shards when the spec asks for them.
+starts, the owner locks the run folder (a second launch of a live run is refused naming the other
+process), checks that the storage is writable, the shards exist and the tracking store answers, and
+makes the synthetic demo shards when the spec asks for them.
+
+Ray: the embedded cluster is always a new local one on 127.0.0.1 (``ray.init()`` without an address
+would join whatever cluster was started last on this machine, or wait on its dead GCS); an existing
+cluster is joined only through ``RAY_ADDRESS`` (``ray job submit`` sets it) or ``--ray-address``, and
+a dead address fails within seconds naming it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +27,9 @@ import torch.distributed as dist
 from hierseg.data.loader import resolve_shards
 from hierseg.data.synth import ensure_synthetic
 from hierseg.spec import JobSpec
-from hierseg.tracking import check_tracking_uri, end_run, run_is_open, start_run
-from hierseg.train.checkpoint import atomic_write_text
-from hierseg.train.checkpointer import run_dir
+from hierseg.tracking import check_tracking_uri, end_run, run_is_open, set_offline_record, start_run
+from hierseg.train.checkpoint import atomic_write_text, follow_umask
+from hierseg.train.checkpointer import OFFLINE_RECORD, run_dir
 from hierseg.train.context import close_context, init_context
 from hierseg.train.loop import train_worker
 
@@ -60,11 +70,60 @@ def preflight_data_only(spec: JobSpec) -> None:
 
 
 def preflight(spec: JobSpec) -> None:
+    """Everything checkable before any work: the run folder first (it takes the lock), then data and tracking."""
+    check_storage(spec)
+    lock_run_dir(spec)
     try:
         preflight_data_only(spec)
         check_tracking_uri(spec.tracking.uri)
     except (ValueError, ConnectionError, OSError) as e:
         raise PreflightError(str(e)) from None
+
+
+def check_storage(spec: JobSpec) -> None:
+    """``run.storage_path`` must take new folders and files (found now, not at the first checkpoint)."""
+    folder = run_dir(spec)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".hierseg-probe-"):
+            pass
+    except OSError as e:
+        raise PreflightError(
+            f"run.storage_path {spec.run.storage_path}: cannot write in {folder} ({e.strerror or e}); make it "
+            "writable or set run.storage_path to a writable folder"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------- lock
+LOCK_FILE = ".lock"
+_held_locks: dict[Path, int] = {}  # run folder -> open fd; flock lives as long as the fd (process lifetime)
+
+
+def lock_run_dir(spec: JobSpec) -> None:
+    """Take an exclusive ``flock`` on ``<run folder>/.lock`` for the rest of this process's life.
+
+    The kernel drops the lock when the owner dies (even by SIGKILL), so a crashed run never blocks
+    the next launch; the file keeps who holds it, for the refusal message.
+    """
+    folder = run_dir(spec)
+    if folder in _held_locks:
+        return
+    path = folder / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise PreflightError(
+            f"run folder {folder} is in use by {holder}; wait for that run to end (or stop it), or give this "
+            "launch another run.name"
+        ) from None
+    os.ftruncate(fd, 0)
+    me = f"pid {os.getpid()} on host {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})"
+    os.pwrite(fd, me.encode(), 0)
+    follow_umask(path, is_dir=False)
+    _held_locks[folder] = fd
 
 
 def resolve_run(spec: JobSpec, launcher: str) -> str:
@@ -78,7 +137,11 @@ def resolve_run(spec: JobSpec, launcher: str) -> str:
             MlflowClient(tracking_uri=spec.tracking.uri).update_run(saved["run_id"], status="RUNNING")
             return saved["run_id"]
     run_id = start_run(spec, launcher)
-    atomic_write_text(json.dumps({"run_id": run_id, "tracking_uri": spec.tracking.uri}), record)
+    try:
+        atomic_write_text(json.dumps({"run_id": run_id, "tracking_uri": spec.tracking.uri}), record)
+    except OSError as e:  # never leave an orphan RUNNING run behind a failed start
+        end_run(spec.tracking.uri, run_id, "FAILED")
+        raise PreflightError(f"run.storage_path: cannot write {record} ({e.strerror or e})") from None
     return run_id
 
 
@@ -87,7 +150,9 @@ def _config(spec: JobSpec, launcher: str, run_id: str | None) -> dict[str, Any]:
 
 
 def _finish_run(spec: JobSpec, run_id: str, outcome: dict[str, Any] | None) -> None:
+    """Bounded: a tracking server gone at the end costs at most the final timeout, never the outcome."""
     status = "FAILED" if outcome is None else ("FINISHED" if outcome["finished"] else "KILLED")
+    set_offline_record(run_dir(spec) / OFFLINE_RECORD)
     end_run(spec.tracking.uri, run_id, status)
 
 
@@ -127,36 +192,99 @@ def _ray_worker(config: dict[str, Any]) -> dict[str, Any]:
     return train_worker(config)
 
 
+RAY_TRAIN_LOG_LEVEL_ENV = "HIERSEG_RAY_TRAIN_LOG_LEVEL"
+
+
+def ray_address() -> str | None:
+    """The cluster to join: ``RAY_ADDRESS`` (set by ``ray job submit`` and ``--ray-address``), else None."""
+    return os.environ.get("RAY_ADDRESS") or None
+
+
+def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
+    """A ``host:port`` (or ``ray://host:port``) nobody answers at fails now, naming it, not after Ray's
+    minutes of GCS retries. ``auto`` and other forms are left to Ray."""
+    body = address.removeprefix("ray://")
+    host, sep, port = body.rpartition(":")
+    if not sep or not port.isdigit() or "/" in body:
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise PreflightError(
+            f"RAY_ADDRESS={address}: no Ray cluster answers there ({e.strerror or e}); start it (ray start --head "
+            "--node-ip-address=127.0.0.1), fix the address, or unset RAY_ADDRESS to train on a new local cluster"
+        ) from None
+
+
+def init_ray(spec: JobSpec) -> None:
+    """Join ``RAY_ADDRESS`` if set, else start a private local cluster bound to 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = ray_address()
+    if address:
+        check_ray_address(address)
+        ray.init(address=address, log_to_driver=True)
+        return
+    check_local_gpu(spec)
+    # address="local": never join "the latest cluster" recorded in Ray's temp folder (maybe dead, maybe someone
+    # else's); _node_ip_address: GCS, raylet and workers listen on loopback, not the machine's address.
+    ray.init(address="local", _node_ip_address="127.0.0.1", log_to_driver=True)
+
+
+def check_local_gpu(spec: JobSpec) -> None:
+    """``run.use_gpu`` on a machine without CUDA: a local cluster would wait forever for the GPU."""
+    import torch
+
+    if spec.run.use_gpu and not torch.cuda.is_available():
+        raise PreflightError(
+            "run.use_gpu is true but this machine has no CUDA GPU; set run.use_gpu=false, or submit to a GPU "
+            "cluster (RAY_ADDRESS / deploy/ray/submit.sh)"
+        )
+
+
+def _run_config(spec: JobSpec) -> Any:
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+
+    run = spec.run
+    return RunConfig(
+        name=run.name,
+        storage_path=str(Path(run.storage_path).resolve()),
+        failure_config=FailureConfig(max_failures=run.max_failures),
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=run.keep_checkpoints,
+            checkpoint_score_attribute=run.best_metric,
+            checkpoint_score_order=run.best_mode,
+        ),
+        # Ray Train's own verbosity knob: at INFO every report of every rank prints "Reporting training result"
+        # and "Checkpoint successfully created"; hierseg prints its own progress lines.
+        logging_config=LoggingConfig(log_level=os.environ.get(RAY_TRAIN_LOG_LEVEL_ENV, "WARNING")),
+    )
+
+
 def run_ray(spec: JobSpec) -> dict[str, Any]:
     """Driver: preflight, open the MLflow run, run TorchTrainer; joins ``RAY_ADDRESS`` if set."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     preflight(spec)
+    address = ray_address()
+    if address:  # before the MLflow run exists: a failed start leaves nothing behind
+        check_ray_address(address)
+    else:
+        check_local_gpu(spec)
     run_id = resolve_run(spec, "ray")
     outcome = None
     try:
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
-        run = spec.run
+        init_ray(spec)
         trainer = TorchTrainer(
             _ray_worker,
             train_loop_config=_config(spec, "ray", run_id),
-            scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=run.use_gpu),
-            run_config=RunConfig(
-                name=run.name,
-                storage_path=str(Path(run.storage_path).resolve()),
-                failure_config=FailureConfig(max_failures=run.max_failures),
-                checkpoint_config=CheckpointConfig(
-                    num_to_keep=run.keep_checkpoints,
-                    checkpoint_score_attribute=run.best_metric,
-                    checkpoint_score_order=run.best_mode,
-                ),
-            ),
+            scaling_config=ScalingConfig(num_workers=spec.run.num_workers, use_gpu=spec.run.use_gpu),
+            run_config=_run_config(spec),
         )
-        result = trainer.fit()
-        outcome = result.return_value
+        outcome = trainer.fit().return_value
         return outcome
     finally:
         _finish_run(spec, run_id, outcome)
