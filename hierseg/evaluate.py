@@ -1,10 +1,11 @@
-"""``hierseg evaluate``: per-class IoU / Dice of a model on labelled shards or a labelled volume.
+"""Scoring a model: training's validation and ``hierseg evaluate`` are one code path.
 
-Why a separate command: training logs validation metrics of its own checkpoints, but picking a
-registered model for a new data set needs the same numbers on that data, through the same
-inference path users run (tiling, blending, hierarchy-consistent labels). Uncertain pixels are
-never scored; a class with no pixels in target or prediction (soma, today) reads "no data".
-``--raw`` scores the plain fine argmax, as training's validation does.
+Each labelled slice goes through the same sliding window and decoding as ``hierseg predict``
+(windows of the training patch size, 1/8 overlap, the model's default decoding), so the logged
+figures are the ones a user gets by predicting those slices and scoring them by hand. Training runs
+it on its share of the validation split and all-reduces the counts once; ``hierseg evaluate`` runs
+it on any labelled shards or volume with a registered model. Uncertain pixels are never scored; a
+class with no labelled pixel and no false positive reads "no data".
 """
 
 from __future__ import annotations
@@ -14,33 +15,134 @@ import json
 import math
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from hierseg.infer import PredictError, PredictOptions, load_model, predict_image
-from hierseg.labels import FINE_CLASSES, NUM_FINE_CLASSES, Hierarchy, LabelSets
-from hierseg.metrics import ConfusionMatrix, GroupConfusion
+from hierseg.infer import PredictError, PredictOptions, Predictor, decide, predict_probs
+from hierseg.labels import FINE_CLASSES, NUM_FINE_CLASSES, Hierarchy, LabelSets, LabelSpace, LabelValue
+from hierseg.metrics import EvalMetrics
 
 
-def shard_samples(url: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(image [C,H,W] float32 in [0,1], label [H,W] int64)`` of every sample of the shards at ``url``."""
-    from hierseg.data.loader import decode_sample, iter_raw_samples, resolve_shards
+@dataclass
+class EvalSample:
+    """A few validation slices with predictions, for the side-by-side plot."""
 
-    for shard in resolve_shards(url):
-        for raw in iter_raw_samples(shard):
-            try:
-                image, label = decode_sample(raw)
-            except ValueError as e:
-                raise ValueError(f"bad sample {raw.get('__key__')!r} in shard {shard}: {e}") from None
-            yield image.numpy(), label.numpy()
+    image_BHW: torch.Tensor
+    label_BHW: torch.Tensor
+    pred_BHW: torch.Tensor
+    coarse_prob_BKHW: torch.Tensor
 
 
-def volume_samples(image: str, labels: str, label_map: str | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def identity_label_space() -> LabelSpace:
+    """Every fine class as its own value: the label space of data with no recorded label map."""
+    return LabelSpace(tuple(LabelValue(n, i, (i,), i) for i, n in enumerate(FINE_CLASSES)))
+
+
+@torch.no_grad()
+def run_eval(
+    model: torch.nn.Module,
+    batches,
+    hierarchy: Hierarchy,
+    device: torch.device,
+    options: PredictOptions,
+    label_sets: LabelSets | None = None,
+    label_space: LabelSpace | None = None,
+    num_samples: int = 4,
+) -> tuple[EvalMetrics, EvalSample | None]:
+    """Predict every slice of this rank's share; counts are all-reduced once by the caller."""
+    sets = label_sets or LabelSets()
+    luts = hierarchy.luts()
+    metrics = EvalMetrics(NUM_FINE_CLASSES, luts, device=device, label_sets=sets.table(), set_names=sets.names)
+    shown: list[tuple[torch.Tensor, ...]] = []
+    was_training = model.training
+    model.eval()
+    for image_1CHW, label_1HW in batches:
+        probs = predict_probs(model, image_1CHW[0].to(device), options)
+        pred_HW = torch.from_numpy(decide(probs, luts[0], options, label_space)["fine_labels"]).long()
+        coarse = torch.split(probs[NUM_FINE_CLASSES:], hierarchy.num_groups)
+        metrics.update(pred_HW[None], [c[None] for c in coarse], label_1HW)
+        if len(shown) < num_samples:
+            shown.append((image_1CHW[0, 0].float(), label_1HW[0], pred_HW, coarse[0]))
+    model.train(was_training)
+    return metrics, _sample(shown)
+
+
+def _sample(shown: list[tuple[torch.Tensor, ...]]) -> EvalSample | None:
+    """Stack the first slices for the plot, cut to their common size (slices may differ in size)."""
+    if not shown:
+        return None
+    h = min(s[0].shape[-2] for s in shown)
+    w = min(s[0].shape[-1] for s in shown)
+    parts = [torch.stack([s[i][..., :h, :w] for s in shown]) for i in range(4)]
+    return EvalSample(*parts)
+
+
+def summarize(metrics: EvalMetrics, hierarchy: Hierarchy, label_space: LabelSpace | None = None) -> dict[str, float]:
+    """MLflow keys: ``val/num_valid``, ``val/fine/...``, ``val/<level>/...``, ``val/label/...``, set accuracy.
+
+    "No data" classes (no labelled pixel and no false positive, e.g. soma) are left out rather than
+    logged as 0. ``val/num_valid`` counts single-class pixels, matching the manifest's ``class_histogram``.
+    ``val/label/miou`` averages the label-space IoU over the values that have labelled pixels, so
+    classes the data never labels cannot rank a checkpoint (it is the default ``run.best_metric``).
+    """
+    out: dict[str, float] = {
+        "val/num_valid": float(metrics.fine.num_valid),
+        "val/fine/miou": metrics.fine.miou(),
+        "val/fine/accuracy": metrics.fine.accuracy(),
+    }
+    for name, iou, dice in zip(FINE_CLASSES, metrics.fine.iou().tolist(), metrics.fine.dice().tolist(), strict=True):
+        if not math.isnan(iou):
+            out[f"val/fine/iou/{name}"] = iou
+            out[f"val/fine/dice/{name}"] = dice
+    for level, gc, hc in zip(hierarchy.levels, metrics.coarse, metrics.consistency, strict=True):
+        ious = gc.iou()
+        for name, iou in zip(level.group_names, ious.tolist(), strict=True):
+            if not math.isnan(iou):
+                out[f"val/{level.name}/iou/{name}"] = iou
+        valid = ious[~ious.isnan()]
+        out[f"val/{level.name}/miou"] = float(valid.mean()) if valid.numel() else math.nan
+        out[f"val/{level.name}/consistency"] = hc.rate()
+    out.update(_label_summary(metrics, label_space or identity_label_space()))
+    out.update(_set_summary(metrics))
+    return out
+
+
+def _label_summary(metrics: EvalMetrics, space: LabelSpace) -> dict[str, float]:
+    iou, support = metrics.fine.label_iou(space)
+    out = {f"val/label/iou/{v.name}": float(i) for v, i in zip(space.values, iou.tolist()) if not math.isnan(i)}
+    scored = iou[(support > 0) & ~iou.isnan()]
+    out["val/label/miou"] = float(scored.mean()) if scored.numel() else math.nan
+    return out
+
+
+def _set_summary(metrics: EvalMetrics) -> dict[str, float]:
+    """Per-set accuracy (prediction inside the set) for the sets that have pixels."""
+    if not metrics.set_names:
+        return {}
+    out = {"val/num_set_pixels": float(metrics.fine.set_counts()[:, 1].sum())}
+    for name, acc in zip(metrics.set_names, metrics.fine.set_accuracy().tolist(), strict=True):
+        if not math.isnan(acc):
+            out[f"val/set_accuracy/{name}"] = acc
+    return out
+
+
+# ------------------------------------------------------------------------------------ hierseg evaluate
+def shard_batches(url: str, predictor: Predictor, num_labels: int) -> Any:
+    """Every stored slice of the shards at ``url``, normalised as the model was trained, one at a time."""
+    from hierseg.data.loader import ValLoader, resolve_shards, shard_counts
+
+    shards = resolve_shards(url)
+    cfg = {"normalization": predictor.normalization, "num_labels": num_labels, "on_bad_sample": "stop"}
+    return ValLoader(shards, shard_counts(url, shards), 0, 1, cfg, num_workers=0)
+
+
+def volume_batches(image: str, labels: str, label_map: Any, predictor: Predictor) -> Iterator[tuple[torch.Tensor, ...]]:
     """Slices of a labelled volume; label values go through the label map (default: identity, 255 uncertain)."""
     from hierseg.data.io import read_array
-    from hierseg.data.labelmap import LabelMap
+    from hierseg.data.normalize import normalize
     from hierseg.stackio import open_input
 
     stack = open_input(image)
@@ -48,89 +150,70 @@ def volume_samples(image: str, labels: str, label_map: str | None) -> Iterator[t
     lab = lab[None] if lab.ndim == 2 else lab
     if lab.shape != (len(stack), *stack.shape[-2:]):
         raise ValueError(f"--labels {labels} has shape {lab.shape} but --image {image} is {stack.shape}")
-    lmap = LabelMap.from_yaml(label_map) if label_map else LabelMap.default()
     for z in range(len(stack)):
-        mapped, _ = lmap.apply(lab[z], where=f"{labels} slice {z}")
-        yield stack[z], mapped
+        mapped, _ = label_map.apply(lab[z], where=f"{labels} slice {z}")
+        x = normalize(np.asarray(stack[z]), predictor.normalization)
+        x = x[None] if x.ndim == 2 else x
+        yield torch.from_numpy(x)[None], torch.from_numpy(mapped)[None]
 
 
-def score(
-    model: torch.nn.Module,
-    hierarchy: Hierarchy,
-    samples: Any,
-    opts: PredictOptions,
-    label_sets: LabelSets | None = None,
-) -> dict[str, Any]:
-    """Confusion counts over all samples, then the per-class report.
+def report(summary: dict[str, float], metrics: EvalMetrics, hierarchy: Hierarchy, space: LabelSpace) -> dict:
+    """JSON-ready report: fine classes, first-level coarse groups, label-space values; NaN -> "no data"."""
 
-    Partial-label (set) pixels count in the coarse table for the groups their set decides.
-    """
-    fine = ConfusionMatrix(NUM_FINE_CLASSES)
-    level = hierarchy.levels[0]
-    table = label_sets.table() if label_sets is not None and len(label_sets) else None
-    groups = GroupConfusion(level.lut(), label_sets=table)
-    for image, label in samples:
-        out = predict_image(model, image, hierarchy=hierarchy, options=opts)
-        y = torch.from_numpy(np.asarray(label, dtype=np.int64))
-        fine.update(torch.from_numpy(out["fine_labels"].astype(np.int64)), y)
-        groups.update(torch.from_numpy(out["coarse_prob"].astype(np.float32))[None], y[None])
-    return report(fine, groups, level.name, level.group_names)
+    def row(value: float, pixels: int, dice: float | None = None) -> dict[str, Any]:
+        if math.isnan(value):
+            return {"iou": None, "dice": None, "pixels": pixels, "note": "no data"}
+        return {"iou": value, "dice": dice, "pixels": pixels}
 
-
-def _row(iou: float, dice: float, pixels: int) -> dict[str, Any]:
-    if math.isnan(iou):
-        return {"iou": None, "dice": None, "pixels": pixels, "note": "no data"}
-    return {"iou": iou, "dice": dice, "pixels": pixels}
-
-
-def report(fine: ConfusionMatrix, groups: GroupConfusion, level: str, names: tuple[str, ...]) -> dict[str, Any]:
-    """JSON-ready report: fine per class and coarse per group; NaN classes become ``"no data"``."""
-    support = fine.matrix.sum(1).tolist()
-    g_support = groups.counts[:, 1, :].sum(1).tolist()
-    g_iou = groups.iou()
-    g_valid = g_iou[~g_iou.isnan()]
+    fine = metrics.fine
+    level, gc = hierarchy.levels[0], metrics.coarse[0]
+    label_iou, label_support = fine.label_iou(space)
+    g_support = gc.counts[:, 1, :].sum(1).tolist()
+    fine_rows = zip(FINE_CLASSES, fine.iou().tolist(), fine.dice().tolist(), fine.support().tolist())
+    group_rows = zip(level.group_names, gc.iou().tolist(), gc.dice().tolist(), g_support)
     return {
         "num_valid": fine.num_valid,
         "fine": {
             "miou": fine.miou(),
             "accuracy": fine.accuracy(),
-            "classes": {
-                n: _row(i, d, s)
-                for n, i, d, s in zip(FINE_CLASSES, fine.iou().tolist(), fine.dice().tolist(), support, strict=True)
-            },
+            "classes": {n: row(i, s, d) for n, i, d, s in fine_rows},
         },
         "coarse": {
-            "level": level,
-            "miou": float(g_valid.mean()) if g_valid.numel() else math.nan,
-            "groups": {
-                n: _row(i, d, s) for n, i, d, s in zip(names, g_iou.tolist(), groups.dice().tolist(), g_support)
-            },
+            "level": level.name,
+            "miou": summary[f"val/{level.name}/miou"],
+            "groups": {n: row(i, s, d) for n, i, d, s in group_rows},
+        },
+        "label": {
+            "miou": summary["val/label/miou"],
+            "values": {v.name: row(i, s) for v, i, s in zip(space.values, label_iou.tolist(), label_support.tolist())},
         },
     }
 
 
 def format_table(rep: dict[str, Any]) -> str:
     """Human-readable table of the report."""
-    lines = [f"valid pixels: {rep['num_valid']}", "", f"{'fine class':<22}{'IoU':>8}{'Dice':>8}{'pixels':>12}"]
 
-    def rows(items: dict[str, dict[str, Any]]) -> list[str]:
-        out = []
+    def rows(title: str, items: dict[str, dict[str, Any]], miou: float) -> list[str]:
+        out = [f"{title:<26}{'IoU':>8}{'Dice':>8}{'pixels':>12}"]
         for name, r in items.items():
             if r["iou"] is None:
-                out.append(f"{name:<22}{'no data':>16}{r['pixels']:>12}")
+                out.append(f"{name:<26}{'no data':>16}{r['pixels']:>12}")
             else:
-                out.append(f"{name:<22}{r['iou']:>8.4f}{r['dice']:>8.4f}{r['pixels']:>12}")
-        return out
+                dice = "" if r["dice"] is None else f"{r['dice']:.4f}"
+                out.append(f"{name:<26}{r['iou']:>8.4f}{dice:>8}{r['pixels']:>12}")
+        return [*out, f"{'mean IoU':<26}{miou:>8.4f}", ""]
 
-    lines += rows(rep["fine"]["classes"])
-    lines += [f"{'mean IoU':<22}{rep['fine']['miou']:>8.4f}", f"{'accuracy':<22}{rep['fine']['accuracy']:>8.4f}", ""]
-    lines += [f"{'coarse group (' + rep['coarse']['level'] + ')':<22}{'IoU':>8}{'Dice':>8}{'pixels':>12}"]
-    lines += rows(rep["coarse"]["groups"])
-    lines += [f"{'mean IoU':<22}{rep['coarse']['miou']:>8.4f}"]
-    return "\n".join(lines)
+    lines = [f"valid pixels: {rep['num_valid']}", ""]
+    lines += rows("label-map value", rep["label"]["values"], rep["label"]["miou"])
+    lines += rows("fine class", rep["fine"]["classes"], rep["fine"]["miou"])
+    lines += [f"{'accuracy':<26}{rep['fine']['accuracy']:>8.4f}", ""]
+    lines += rows(f"coarse group ({rep['coarse']['level']})", rep["coarse"]["groups"], rep["coarse"]["miou"])
+    return "\n".join(lines).rstrip()
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from hierseg.infer import add_tiling_args
+
     ap = argparse.ArgumentParser(prog="hierseg evaluate", description="Per-class IoU/Dice of a model.")
     ap.add_argument("--model", required=True, help="models:/NAME@alias | models:/NAME/VERSION | runs:/ID/model | ckpt")
     ap.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI)")
@@ -138,35 +221,50 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--image", help="labelled volume or image (any predict --input)")
     ap.add_argument("--labels", help="label volume matching --image")
     ap.add_argument("--label-map", help="YAML label map for --labels (default: identity 0..11, 255 uncertain)")
-    ap.add_argument("--tile", type=int, default=256)
-    ap.add_argument("--overlap", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--raw", action="store_true", help="score the plain fine argmax (as training's validation)")
+    add_tiling_args(ap)
+    ap.add_argument("--raw", action="store_true", help="no coarse restriction of the fine argmax")
     ap.add_argument("--format", choices=["table", "json"], default="table")
     return ap.parse_args(argv)
 
 
-def _label_sets(args: argparse.Namespace) -> LabelSets | None:
-    """The set table of the labels being scored: the shards' manifest, or the label map's."""
+def _labels_of(args: argparse.Namespace, predictor: Predictor) -> tuple[LabelSets, LabelSpace, Any]:
+    """The set table and label space of the labels being scored: the shards' manifest, or the label map's."""
     from hierseg.data.labelmap import LabelMap, manifest_label_sets
     from hierseg.data.loader import read_manifest
 
     if args.shards:
-        return manifest_label_sets(read_manifest(args.shards), f"manifest of {args.shards}")
-    return LabelMap.from_yaml(args.label_map).sets if args.label_map else None
+        manifest = read_manifest(args.shards) or {}
+        sets = manifest_label_sets(manifest, f"manifest of {args.shards}") or LabelSets()
+        record, lmap = manifest.get("label_map"), None
+    else:
+        lmap = LabelMap.from_yaml(args.label_map) if args.label_map else LabelMap.default()
+        sets, record = lmap.sets, lmap.to_manifest()
+    trained = predictor.label_space.values if predictor.label_space else None
+    space = LabelSpace.from_label_map(record, sets) if record else identity_label_space()
+    if trained is not None and record and tuple(v.name for v in trained) != space.names:
+        print(f"hierseg evaluate: note: the labels use the values {list(space.names)}, the model was trained on "
+              f"{[v.name for v in trained]}; scores are in the labels' values", file=sys.stderr)  # fmt: skip
+    return sets, space, lmap
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hierseg.infer import default_options, load_predictor
     from hierseg.registry import RegistryError
 
     args = parse_args(argv)
     try:
         if bool(args.shards) == bool(args.image) or bool(args.image) != bool(args.labels):
             raise PredictError("give either --shards, or --image with --labels (and optionally --label-map)")
-        model, spec = load_model(args.model, args.tracking_uri)
-        opts = PredictOptions(args.tile, args.overlap, args.batch, coarse_threshold=2.0 if args.raw else 0.5)
-        samples = shard_samples(args.shards) if args.shards else volume_samples(args.image, args.labels, args.label_map)
-        rep = score(model, spec.hierarchy.build(), samples, opts, _label_sets(args))
+        predictor = load_predictor(args.model, args.tracking_uri)
+        sets, space, lmap = _labels_of(args, predictor)
+        opts = default_options(predictor, tile=args.tile, overlap=args.overlap, batch=args.batch,
+                               decode=args.decode, coarse_threshold=2.0 if args.raw else 0.5)  # fmt: skip
+        num_labels = NUM_FINE_CLASSES + len(sets)
+        batches = (shard_batches(args.shards, predictor, num_labels) if args.shards
+                   else volume_batches(args.image, args.labels, lmap, predictor))  # fmt: skip
+        hierarchy = predictor.hierarchy
+        metrics, _ = run_eval(predictor.model, batches, hierarchy, torch.device("cpu"), opts, sets, space)
+        rep = report(summarize(metrics, hierarchy, space), metrics, hierarchy, space)
     except (RegistryError, ValueError, ConnectionError) as e:
         print(f"hierseg evaluate: {e}", file=sys.stderr)
         return 2

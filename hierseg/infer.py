@@ -16,6 +16,14 @@ Outputs (per slice, then stacked):
 - ``fallback`` uint8 (the coarse fallback map): ``0..11`` the fine class (fine confidence
   ``>= fine_threshold``); ``100 + k`` coarse group ``k`` (fine not confident but group ``k`` is);
   ``255`` undecided (neither is confident).
+- ``label_values`` int32 (``--decode labels`` only): the winning value of the training label map.
+
+Decoding (``--decode``): ``fine`` takes the fine argmax restricted by confident coarse groups;
+``labels`` decides in the label space of the training data: each label-map value (a fine class or a
+label set) has the summed softmax of its classes, the most probable value wins, and ``fine_labels``
+is the best fine class inside it. So a model trained on a binary mitochondria mask labels
+mitochondria exactly where mitochondria beats "anything but mitochondria". ``labels`` is the default
+for a model trained with label sets, ``fine`` otherwise.
 """
 
 from __future__ import annotations
@@ -33,7 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from hierseg.labels import Hierarchy
+from hierseg.data.normalize import LEGACY, normalize
+from hierseg.labels import Hierarchy, LabelSets, LabelSpace
 
 FALLBACK_GROUP_OFFSET = 100
 UNDECIDED = 255
@@ -55,6 +64,7 @@ class PredictOptions:
     coarse_threshold: float = 0.5
     device: str | None = None  # None: cuda when available, else cpu
     amp: bool = True  # bf16 autocast on GPU (never on CPU)
+    decode: str = "fine"  # "fine" or "labels" (see the module doc)
 
 
 # ------------------------------------------------------------------------------------------- tiling
@@ -82,17 +92,6 @@ def blend_window(h: int, w: int, overlap: int) -> torch.Tensor:
     return ramp(h)[:, None] * ramp(w)[None, :]
 
 
-def _to_float(image: np.ndarray) -> torch.Tensor:
-    """Training's input normalisation: uint8 / 255 (uint16 / 65535); floats are taken as [0, 1]."""
-    if image.dtype == np.uint8:
-        x = image.astype(np.float32) / 255.0
-    elif image.dtype == np.uint16:
-        x = image.astype(np.float32) / 65535.0
-    else:
-        x = image.astype(np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x))
-
-
 def _device_of(options: PredictOptions) -> torch.device:
     if options.device:
         return torch.device(options.device)
@@ -101,7 +100,10 @@ def _device_of(options: PredictOptions) -> torch.device:
 
 @torch.no_grad()
 def predict_probs(model: torch.nn.Module, image_CHW: torch.Tensor, options: PredictOptions) -> torch.Tensor:
-    """Blended ``[12 + K, H, W]`` probabilities (softmax fine, sigmoid coarse of level 0) of one image."""
+    """Blended ``[12 + sum K, H, W]`` probabilities (softmax fine, then sigmoid coarse of every level) of one image.
+
+    ``image_CHW`` is the normalised network input (:func:`hierseg.data.normalize.normalize`).
+    """
     device = next(model.parameters()).device
     _, h, w = image_CHW.shape
     th, tw = min(options.tile, h), min(options.tile, w)
@@ -115,7 +117,7 @@ def predict_probs(model: torch.nn.Module, image_CHW: torch.Tensor, options: Pred
         tiles = torch.stack([image_CHW[:, y : y + th, x : x + tw] for y, x in chunk]).to(device)
         with ctx:
             logits_fine, logits_coarse = model(tiles)
-        probs = torch.cat([logits_fine.float().softmax(1), logits_coarse[0].float().sigmoid()], 1)
+        probs = torch.cat([logits_fine.float().softmax(1), *(lc.float().sigmoid() for lc in logits_coarse)], 1)
         if acc is None:
             acc = torch.zeros(probs.shape[1], h, w, device=device)
         for (y, x), p in zip(chunk, probs):
@@ -124,16 +126,22 @@ def predict_probs(model: torch.nn.Module, image_CHW: torch.Tensor, options: Pred
     return (acc / weight).cpu()
 
 
-def decide(probs: torch.Tensor, lut: torch.Tensor, options: PredictOptions) -> dict[str, np.ndarray]:
-    """Fine labels consistent with the confident coarse group, confidence, and the fallback map."""
-    n_fine = lut.shape[0]
+def decide(
+    probs: torch.Tensor, lut: torch.Tensor, options: PredictOptions, label_space: LabelSpace | None = None
+) -> dict[str, np.ndarray]:
+    """Fine labels (by ``options.decode``), confidence, level-0 coarse probabilities and the fallback map."""
+    n_fine, k = lut.shape
     fine = probs[:n_fine]
-    coarse = probs[n_fine:].to(torch.float16).float()  # decide on the values written out (float16)
+    coarse = probs[n_fine : n_fine + k].to(torch.float16).float()  # decide on the values written out (float16)
     group = coarse.argmax(0)  # first of equal values, as numpy's argmax of the output does
     group_p = coarse.gather(0, group[None])[0]
     confident_group = group_p >= options.coarse_threshold
-    members = lut.bool().t()[group].permute(2, 0, 1)  # [12, H, W]: class is in the top group
-    allowed = torch.where(confident_group[None], members, torch.ones_like(members))
+    extra = {}
+    if options.decode == "labels":
+        allowed, extra["label_values"] = _label_space_decision(fine, label_space)
+    else:
+        members = lut.bool().t()[group].permute(2, 0, 1)  # [12, H, W]: class is in the top group
+        allowed = torch.where(confident_group[None], members, torch.ones_like(members))
     conf, label = fine.masked_fill(~allowed, -1.0).max(0)
     conf = conf.to(torch.float16).float()  # thresholds apply to the written (float16) confidence
     fallback = torch.full_like(label, UNDECIDED)
@@ -144,16 +152,31 @@ def decide(probs: torch.Tensor, lut: torch.Tensor, options: PredictOptions) -> d
         "fine_confidence": conf.to(torch.float16).numpy(),
         "coarse_prob": coarse.to(torch.float16).numpy(),
         "fallback": fallback.to(torch.uint8).numpy(),
+        **extra,
     }
 
 
-def _as_chw(image: np.ndarray, channels: int) -> torch.Tensor:
-    x = _to_float(np.asarray(image))
-    if x.dim() == 2:
-        x = x[None]
-    if x.dim() != 3 or x.shape[0] != channels:
-        raise PredictError(f"image of shape {tuple(image.shape)} does not fit a model with {channels} input channel(s)")
-    return x
+def _label_space_decision(fine_CHW: torch.Tensor, space: LabelSpace | None) -> tuple[torch.Tensor, np.ndarray]:
+    """The most probable label-map value per pixel (a set's probability: its classes' summed softmax).
+
+    Returns the fine classes allowed where each value won ``[12, H, W]`` and the winning values' codes.
+    """
+    if space is None or not len(space):
+        raise PredictError("--decode labels needs the model's training label map; use --decode fine")
+    table_VC = space.members_table()
+    value_probs = torch.einsum("vc,chw->vhw", table_VC.float(), fine_CHW)
+    win = value_probs.argmax(0)
+    codes = torch.tensor([v.code for v in space.values], dtype=torch.int32)
+    return table_VC[win].permute(2, 0, 1), codes[win].numpy()
+
+
+def _as_chw(x: np.ndarray, channels: int) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    if t.dim() == 2:
+        t = t[None]
+    if t.dim() != 3 or t.shape[0] != channels:
+        raise PredictError(f"image of shape {tuple(x.shape)} does not fit a model with {channels} input channel(s)")
+    return t
 
 
 def predict_image(
@@ -164,19 +187,78 @@ def predict_image(
     batch: int = 8,
     hierarchy: Hierarchy | None = None,
     options: PredictOptions | None = None,
+    normalization: dict[str, Any] | None = None,
+    label_space: LabelSpace | None = None,
 ) -> dict[str, np.ndarray]:
-    """Predict one ``[H, W]`` or ``[C, H, W]`` image; returns the four outputs (see module doc)."""
+    """Predict one raw ``[H, W]`` or ``[C, H, W]`` image (any dtype); returns the outputs (see module doc).
+
+    ``normalization`` is the model's recorded one (default: per-image z-score, the training default).
+    """
     opts = options or PredictOptions(tile=tile, overlap=overlap, batch=batch)
     lut = (hierarchy or Hierarchy.default()).lut()
     in_ch = model.stem[0].in_channels if hasattr(model, "stem") else 1
-    probs = predict_probs(model, _as_chw(image, in_ch), opts)
-    return decide(probs, lut, opts)
+    x = _as_chw(normalize(np.asarray(image), normalization or {"mode": "zscore"}), in_ch)
+    probs = predict_probs(model, x, opts)
+    return decide(probs, lut, opts, label_space)
+
+
+@dataclass
+class Predictor:
+    """A loaded model with everything its predictions depend on: hierarchy, normalisation, label space."""
+
+    model: torch.nn.Module
+    spec: Any
+    normalization: dict[str, Any]
+    label_sets: LabelSets
+    label_space: LabelSpace | None
+    """The training label map's values (``None`` for a model that does not record its label map)."""
+
+    @property
+    def hierarchy(self) -> Hierarchy:
+        return self.spec.hierarchy.build()
+
+    @property
+    def default_decode(self) -> str:
+        return "labels" if len(self.label_sets) and self.label_space is not None else "fine"
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.spec.data.patch_size)
+
+    def predict(self, image: np.ndarray, options: PredictOptions) -> dict[str, np.ndarray]:
+        return predict_image(
+            self.model, image, hierarchy=self.hierarchy, options=options,
+            normalization=self.normalization, label_space=self.label_space,
+        )  # fmt: skip
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Predictor:
+        from hierseg.pyfunc import model_from_state
+
+        model, spec = model_from_state(state)
+        record = state.get("label_map")
+        sets = LabelSets.from_config((record or {}).get("sets") or [], where="checkpoint label_map sets")
+        space = LabelSpace.from_label_map(record, sets) if record else None
+        return cls(model, spec, state_normalization(state, spec), sets, space)
+
+
+def state_normalization(state: dict[str, Any], spec: Any) -> dict[str, Any]:
+    """The normalisation a checkpoint was trained with; checkpoints from before it was recorded used ``dtype_max``."""
+    if state.get("normalization"):
+        return dict(state["normalization"])
+    if "normalization" not in (state.get("spec", {}).get("data") or {}):
+        return dict(LEGACY)
+    from hierseg.data.normalize import resolve
+
+    try:
+        return resolve(spec.data.normalization, None)
+    except ValueError as e:
+        raise PredictError(f"the checkpoint does not record its normalisation: {e}") from None
 
 
 def predict_volume(
-    model: torch.nn.Module,
+    predictor: Predictor,
     volume: Any,
-    hierarchy: Hierarchy | None = None,
     options: PredictOptions | None = None,
     progress: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
@@ -185,7 +267,7 @@ def predict_volume(
 
     opts = options or PredictOptions()
     for z in tqdm(range(len(volume)), desc="predict", unit="slice", disable=not progress):
-        yield predict_image(model, np.asarray(volume[z]), hierarchy=hierarchy, options=opts)
+        yield predictor.predict(np.asarray(volume[z]), opts)
 
 
 # ------------------------------------------------------------------------------------- model loading
@@ -216,22 +298,31 @@ def _download_model(uri: str, tracking_uri: str | None) -> Path:
     return Path(path)
 
 
-def load_model(uri: str, tracking_uri: str | None = None) -> tuple[torch.nn.Module, Any]:
-    """``models:/NAME@alias``, ``models:/NAME/VERSION``, ``runs:/ID/model`` or a local checkpoint -> (model, spec)."""
-    from hierseg.pyfunc import model_from_checkpoint
+def load_predictor(uri: str, tracking_uri: str | None = None) -> Predictor:
+    """``models:/NAME@alias``, ``models:/NAME/VERSION``, ``runs:/ID/model`` or a local checkpoint -> Predictor."""
+    from hierseg.train.checkpoint import load_state
 
     if uri.startswith(("models:/", "runs:/")):
-        return model_from_checkpoint(_download_model(uri, tracking_uri))
-    path = Path(uri)
-    if not path.exists():
-        raise PredictError(
-            f"--model {uri}: no such checkpoint file or folder; give models:/NAME@alias, models:/NAME/VERSION, "
-            "runs:/RUN_ID/model, or a checkpoint folder / state.pt"
-        )
+        path = _download_model(uri, tracking_uri)
+    else:
+        path = Path(uri)
+        if not path.exists():
+            raise PredictError(
+                f"--model {uri}: no such checkpoint file or folder; give models:/NAME@alias, models:/NAME/VERSION, "
+                "runs:/RUN_ID/model, or a checkpoint folder / state.pt"
+            )
     try:
-        return model_from_checkpoint(path)
-    except (FileNotFoundError, RuntimeError, KeyError, ValueError) as e:
+        return Predictor.from_state(load_state(path))
+    except (FileNotFoundError, RuntimeError, KeyError) as e:
         raise PredictError(f"--model {uri}: not a loadable hierseg checkpoint ({e})") from None
+    except ValueError as e:
+        raise PredictError(f"--model {uri}: {e}") from None
+
+
+def load_model(uri: str, tracking_uri: str | None = None) -> tuple[torch.nn.Module, Any]:
+    """The model and resolved spec of :func:`load_predictor`."""
+    p = load_predictor(uri, tracking_uri)
+    return p.model, p.spec
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -241,47 +332,67 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--input", required=True, help="2D image, folder of images, TIFF stack, file.h5:dataset, zarr")
     ap.add_argument("--output", required=True, help="folder (tif/npy per output), out.zarr or out.h5[:group]")
     ap.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI)")
-    ap.add_argument("--tile", type=int, default=256)
-    ap.add_argument("--overlap", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=8, help="tiles per forward pass")
+    add_tiling_args(ap)
     ap.add_argument("--fine-threshold", type=float, default=0.5)
     ap.add_argument("--coarse-threshold", type=float, default=0.5)
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     ap.add_argument("--no-amp", action="store_true", help="no bf16 autocast on GPU")
-    ap.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    ap.add_argument("--overwrite", action="store_true", help="replace hierseg's earlier outputs at --output")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap.parse_args(argv)
 
 
-def _options(args: argparse.Namespace) -> PredictOptions:
-    if args.tile < 16 or not 0 <= args.overlap < args.tile or args.batch < 1:
+def add_tiling_args(ap: argparse.ArgumentParser) -> None:
+    """Flags shared by predict and evaluate, so both score through the same windows and decoding."""
+    ap.add_argument("--tile", type=int, default=None, help="window side (default: the model's training patch size)")
+    ap.add_argument("--overlap", type=int, default=None, help="window overlap (default: tile / 8)")
+    ap.add_argument("--batch", type=int, default=8, help="tiles per forward pass")
+    ap.add_argument("--decode", choices=["fine", "labels"], default=None,
+                    help="fine: 12-way argmax; labels: in the training label map's values "
+                         "(default: labels for a model trained with label sets)")  # fmt: skip
+
+
+def default_options(predictor: Predictor, **overrides: Any) -> PredictOptions:
+    """Windows of the training patch size with 1/8 overlap and the model's default decoding (as validation)."""
+    tile = overrides.pop("tile", None) or predictor.patch_size
+    overlap = overrides.pop("overlap", None)
+    decode = overrides.pop("decode", None) or predictor.default_decode
+    opts = PredictOptions(tile=tile, overlap=tile // 8 if overlap is None else overlap, decode=decode, **overrides)
+    if opts.tile < 16 or not 0 <= opts.overlap < opts.tile or opts.batch < 1:
         raise PredictError("--tile must be >= 16, --overlap in [0, tile), --batch >= 1")
     for name in ("fine_threshold", "coarse_threshold"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
+        if not 0.0 <= getattr(opts, name) <= 1.0:
             raise PredictError(f"--{name.replace('_', '-')} must be in [0, 1]")
-    return PredictOptions(args.tile, args.overlap, args.batch, args.fine_threshold, args.coarse_threshold,
-                          args.device, not args.no_amp)  # fmt: skip
+    return opts
 
 
 def main(argv: list[str] | None = None) -> int:
     from hierseg.registry import RegistryError
-    from hierseg.stackio import StackError, open_input, open_output
+    from hierseg.stackio import StackError, check_not_input, open_input, open_output
 
     args = parse_args(argv)
     try:
-        opts = _options(args)
+        check_not_input(args.output, args.input)
         source = open_input(args.input)
-        model, spec = load_model(args.model, args.tracking_uri)
-        model = model.to(_device_of(opts))
-        hierarchy = spec.hierarchy.build()
-        k = hierarchy.num_groups[0]
-        with open_output(args.output, source.shape, k, overwrite=args.overwrite, is_2d=source.is_2d) as sink:
-            for z, out in enumerate(predict_volume(model, source, hierarchy, opts, progress=not args.quiet)):
+        predictor = load_predictor(args.model, args.tracking_uri)
+        opts = default_options(
+            predictor, tile=args.tile, overlap=args.overlap, batch=args.batch, decode=args.decode,
+            fine_threshold=args.fine_threshold, coarse_threshold=args.coarse_threshold, device=args.device,
+            amp=not args.no_amp,
+        )  # fmt: skip
+        predictor.model = predictor.model.to(_device_of(opts))
+        k = predictor.hierarchy.num_groups[0]
+        labels = opts.decode == "labels"
+        with open_output(args.output, source.shape, k, overwrite=args.overwrite, is_2d=source.is_2d,
+                         label_values=labels) as sink:  # fmt: skip
+            for z, out in enumerate(predict_volume(predictor, source, opts, progress=not args.quiet)):
                 sink.write(z, out)
     except (PredictError, RegistryError, StackError, ConnectionError) as e:
         print(f"hierseg predict: {e}", file=sys.stderr)
         return 2
-    groups = ", ".join(f"{FALLBACK_GROUP_OFFSET + i}={g}" for i, g in enumerate(hierarchy.levels[0].group_names))
-    print(f"hierseg predict: wrote {', '.join(OUTPUT_NAMES)} to {args.output} (fallback: 0..11 fine, {groups}, "
-          f"{UNDECIDED}=undecided)")  # fmt: skip
+    names = [*OUTPUT_NAMES, "label_values"] if labels else OUTPUT_NAMES
+    group_names = predictor.hierarchy.levels[0].group_names
+    groups = ", ".join(f"{FALLBACK_GROUP_OFFSET + i}={g}" for i, g in enumerate(group_names))
+    print(f"hierseg predict: wrote {', '.join(names)} to {args.output} (decode {opts.decode}; fallback: 0..11 fine, "
+          f"{groups}, {UNDECIDED}=undecided)")  # fmt: skip
     return 0

@@ -314,3 +314,65 @@ def set_coarse_targets(label_sets: torch.Tensor, lut_CK: torch.Tensor) -> tuple[
     inside = ~(members_SC1 & ~in_group_1CK).any(1)  # no member outside group k
     disjoint = ~(members_SC1 & in_group_1CK).any(1)  # no member inside group k
     return inside, inside | disjoint
+
+
+# ----------------------------------------------------------------------------------------- label space
+@dataclass(frozen=True)
+class LabelValue:
+    """One thing a label map can say about a pixel: a fine class or a label set, with its source values."""
+
+    name: str
+    """The label map's name of the target, as the manifest records it (``mitochondria``, ``not_mitochondria``)."""
+    stored_id: int
+    """Label as stored in shards: fine class ``0..11`` or set id ``12 + i``."""
+    members: tuple[int, ...]
+    """Fine classes the value allows (one for a fine class)."""
+    code: int
+    """Smallest source label value that maps to it: what ``label_values`` writes."""
+
+
+@dataclass(frozen=True)
+class LabelSpace:
+    """The label space of a data set: every distinct non-uncertain target of its label map.
+
+    Scoring and decoding "in the label space" means asking the question the annotation answers:
+    for a binary mitochondria mask, mitochondrion vs anything else, never a 12-way argmax.
+    """
+
+    values: tuple[LabelValue, ...]
+
+    @classmethod
+    def from_label_map(cls, record: Mapping[str, Any] | None, sets: LabelSets) -> LabelSpace:
+        """From a manifest's ``label_map`` record (``{"mapping": {source: target name}}``) and its set table."""
+        mapping = (record or {}).get("mapping") or {}
+        by_id: dict[int, tuple[str, int]] = {}
+        set_ids = {metric_name(n): SET_ID_OFFSET + i for i, n in enumerate(sets.names)}
+        for source, target in mapping.items():
+            if target == "uncertain":
+                continue
+            key = metric_name(str(target))
+            stored = set_ids.get(key)
+            if stored is None:
+                stored = class_index(str(target))
+            code = int(source)
+            name = str(target)
+            by_id[stored] = (name, min(code, by_id[stored][1]) if stored in by_id else code)
+        values = []
+        for stored in sorted(by_id):
+            members = (stored,) if stored < SET_ID_OFFSET else sets.members[stored - SET_ID_OFFSET]
+            values.append(LabelValue(by_id[stored][0], stored, tuple(members), by_id[stored][1]))
+        return cls(tuple(values))
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(v.name for v in self.values)
+
+    def members_table(self) -> torch.Tensor:
+        """``[V, 12]`` bool: ``table[v, c]`` when value ``v`` allows fine class ``c``."""
+        table = torch.zeros(len(self.values), NUM_FINE_CLASSES, dtype=torch.bool)
+        for i, v in enumerate(self.values):
+            table[i, list(v.members)] = True
+        return table

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from hierseg.labels import IGNORE_INDEX, SET_ID_OFFSET, set_coarse_targets
+from hierseg.labels import IGNORE_INDEX, SET_ID_OFFSET, LabelSpace, set_coarse_targets
 
 
 def _all_reduce_sum(t: torch.Tensor, process_group: dist.ProcessGroup | None) -> None:
@@ -28,61 +28,106 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 class ConfusionMatrix:
     """``[C, C]`` int64 counts, rows = target, columns = prediction; target ``-1`` is skipped.
 
-    Targets outside ``0..C-1`` (for example partial-label set ids) are skipped as well.
+    With ``label_sets`` (bool ``[S, C]``), pixels labelled with set id ``C + i`` are counted in
+    ``set_matrix[i, prediction]``. Such a pixel is a known negative for every class outside set ``i``
+    (a prediction of such a class there is a false positive) and unknown for the classes inside it,
+    so per-class IoU and Dice count those false positives too. Without them, a binary mask's
+    "not mitochondria" pixels could never refute a mitochondria prediction and the logged IoU would
+    be recall. Targets beyond the set ids are skipped.
     """
 
-    def __init__(self, num_classes: int, device: torch.device | str | None = None):
+    def __init__(self, num_classes: int, device: torch.device | str | None = None,
+                 label_sets: torch.Tensor | None = None):  # fmt: skip
         assert num_classes > 0
         self.num_classes = num_classes
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        table = label_sets if label_sets is not None else torch.zeros(0, num_classes, dtype=torch.bool)
+        self.label_sets = table.to(device=device, dtype=torch.bool)
+        self.set_matrix = torch.zeros(table.shape[0], num_classes, dtype=torch.int64, device=device)
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> ConfusionMatrix:
         """Add one batch: ``pred`` and ``target`` are integer tensors of the same shape."""
         assert pred.shape == target.shape, f"pred {tuple(pred.shape)} vs target {tuple(target.shape)}"
-        c = self.num_classes
+        c, rows = self.num_classes, self.num_classes + self.set_matrix.shape[0]
         target = target.to(self.matrix.device).long()
-        keep = (target >= 0) & (target < c)
+        keep = (target >= 0) & (target < rows)
         idx = target[keep] * c + pred.to(self.matrix.device).long()[keep]
-        self.matrix += torch.bincount(idx, minlength=c * c).view(c, c)
+        counts = torch.bincount(idx, minlength=rows * c).view(rows, c)
+        self.matrix += counts[:c]
+        self.set_matrix += counts[c:]
         return self
 
     def all_reduce(self, process_group: dist.ProcessGroup | None = None) -> ConfusionMatrix:
         """Sum the counts over all ranks (in place); a no-op outside ``torch.distributed``."""
         _all_reduce_sum(self.matrix, process_group)
+        _all_reduce_sum(self.set_matrix, process_group)
         return self
 
     def reset(self) -> None:
         self.matrix.zero_()
+        self.set_matrix.zero_()
 
     @property
     def num_valid(self) -> int:
+        """Single-class pixels counted (set-labelled pixels are in ``set_matrix``)."""
         return int(self.matrix.sum())
 
-    def _tp_support(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        m = self.matrix.cpu()
+    def _tp_fn_fp(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        m, sets = self.matrix.cpu(), self.set_matrix.cpu()
         tp = m.diagonal()
-        return tp, m.sum(1), m.sum(0)
+        set_fp = (sets * ~self.label_sets.cpu()).sum(0)  # set pixels predicted as a class outside the set
+        return tp, m.sum(1) - tp, m.sum(0) - tp + set_fp
 
     def iou(self) -> torch.Tensor:
-        """Per-class IoU (float64); NaN for a class absent from both target and prediction."""
-        tp, rows, cols = self._tp_support()
-        return _safe_div(tp, rows + cols - tp)
+        """Per-class IoU (float64); NaN for a class with no positive pixel and no false positive ("no data")."""
+        tp, fn, fp = self._tp_fn_fp()
+        return _safe_div(tp, tp + fn + fp)
 
     def dice(self) -> torch.Tensor:
-        """Per-class Dice (float64); NaN for a class absent from both target and prediction."""
-        tp, rows, cols = self._tp_support()
-        return _safe_div(2 * tp, rows + cols)
+        """Per-class Dice (float64); NaN for a class with no positive pixel and no false positive."""
+        tp, fn, fp = self._tp_fn_fp()
+        return _safe_div(2 * tp, 2 * tp + fn + fp)
+
+    def support(self) -> torch.Tensor:
+        """Labelled pixels per class (int64)."""
+        return self.matrix.cpu().sum(1)
 
     def miou(self) -> float:
-        """Mean IoU over classes that occur in target or prediction (NaN when none does)."""
+        """Mean IoU over classes that are not "no data" (NaN when every class is)."""
         iou = self.iou()
         iou = iou[~iou.isnan()]
         return float(iou.mean()) if iou.numel() else math.nan
 
     def accuracy(self) -> float:
-        """Share of valid pixels predicted correctly (NaN when there is none)."""
+        """Share of single-class valid pixels predicted correctly (NaN when there is none)."""
         total = self.matrix.sum()
         return float(self.matrix.trace()) / float(total) if int(total) > 0 else math.nan
+
+    def set_counts(self) -> torch.Tensor:
+        """Per label set ``[S, 2]``: pixels whose prediction lies inside the set, and all its pixels."""
+        sets = self.set_matrix.cpu()
+        return torch.stack([(sets * self.label_sets.cpu()).sum(1), sets.sum(1)], 1)
+
+    def set_accuracy(self) -> torch.Tensor:
+        """Per set (float64): share of its pixels predicted inside it; NaN for a set with no pixels."""
+        c = self.set_counts()
+        return _safe_div(c[:, 0], c[:, 1])
+
+    def label_iou(self, space: LabelSpace) -> tuple[torch.Tensor, torch.Tensor]:
+        """IoU in the label space of the data, and each value's labelled pixels.
+
+        For each label-map value ``v`` (a fine class or a set): true positive = labelled ``v`` and
+        predicted inside ``v``; false negative = labelled ``v``, predicted outside; false positive =
+        labelled anything else, predicted inside ``v``. For a binary mask this is the foreground IoU
+        a user computes by hand.
+        """
+        full = torch.cat([self.matrix, self.set_matrix]).cpu()  # rows: stored label id
+        members = space.members_table()  # [V, C]
+        rows = full[[v.stored_id for v in space.values]]  # [V, C]
+        tp = (rows * members).sum(1)
+        support = rows.sum(1)
+        predicted_inside = full.sum(0)[None, :].mul(members).sum(1)
+        return _safe_div(tp, support + predicted_inside - tp), support
 
 
 class GroupConfusion:
@@ -174,36 +219,8 @@ class HierarchyConsistency:
         return ok / total if total else math.nan
 
 
-class SetAccuracy:
-    """Per label set: pixels whose predicted fine class lies inside the set, and all its pixels.
-
-    Set-labelled pixels have no single true class, so they stay out of the fine confusion matrix;
-    this is the one fine-level question they can answer.
-    """
-
-    def __init__(self, label_sets: torch.Tensor, device: torch.device | str | None = None):
-        self.table = label_sets.to(device=device, dtype=torch.bool)
-        self.counts = torch.zeros(self.table.shape[0], 2, dtype=torch.int64, device=device)  # inside, total
-
-    def update(self, pred_fine_BHW: torch.Tensor, y_fine_BHW: torch.Tensor) -> None:
-        num_sets = self.table.shape[0]
-        if num_sets == 0:
-            return
-        y = y_fine_BHW.to(self.counts.device).long()
-        keep = (y >= SET_ID_OFFSET) & (y < SET_ID_OFFSET + num_sets)
-        set_id = y[keep] - SET_ID_OFFSET
-        hit = self.table[set_id, pred_fine_BHW.to(self.counts.device).long()[keep]]
-        self.counts[:, 0] += torch.bincount(set_id[hit], minlength=num_sets)
-        self.counts[:, 1] += torch.bincount(set_id, minlength=num_sets)
-
-    def accuracy(self) -> torch.Tensor:
-        """Per set (float64); NaN for a set with no pixels."""
-        c = self.counts.cpu()
-        return _safe_div(c[:, 0], c[:, 1])
-
-
 class EvalMetrics:
-    """Fine confusion, per-level group confusion, consistency and set accuracy; reduced in one collective."""
+    """Fine confusion (with label-set rows), per-level group confusion and consistency; reduced in one collective."""
 
     def __init__(
         self,
@@ -216,28 +233,25 @@ class EvalMetrics:
         table = label_sets if label_sets is not None else torch.zeros(0, num_fine, dtype=torch.bool)
         if len(set_names) not in (0, table.shape[0]):
             raise ValueError(f"set_names has {len(set_names)} names for {table.shape[0]} label sets")
-        self.fine = ConfusionMatrix(num_fine, device=device)
+        self.fine = ConfusionMatrix(num_fine, device=device, label_sets=table)
         self.coarse = [GroupConfusion(lut, device=device, label_sets=label_sets) for lut in luts]
         self.consistency = [HierarchyConsistency(lut, device=device) for lut in luts]
-        self.sets = SetAccuracy(table, device=device)
         self.set_names = tuple(set_names) or tuple(f"set{SET_ID_OFFSET + i}" for i in range(table.shape[0]))
 
     @torch.no_grad()
-    def update(self, logits_fine: torch.Tensor, logits_coarse: Sequence[torch.Tensor], y_fine: torch.Tensor) -> None:
-        pred = logits_fine.argmax(dim=1)
-        self.fine.update(pred, y_fine)
-        self.sets.update(pred, y_fine)
-        for gc, hc, lc in zip(self.coarse, self.consistency, logits_coarse, strict=True):
-            prob = torch.sigmoid(lc.float())
+    def update(self, pred_fine: torch.Tensor, coarse_probs: Sequence[torch.Tensor], y_fine: torch.Tensor) -> None:
+        """One batch of decided fine labels ``[B, H, W]`` and coarse probabilities ``[B, K, H, W]`` per level."""
+        self.fine.update(pred_fine, y_fine)
+        for gc, hc, prob in zip(self.coarse, self.consistency, coarse_probs, strict=True):
             gc.update(prob, y_fine)
-            hc.update(pred, prob, y_fine)
+            hc.update(pred_fine, prob, y_fine)
 
     def _tensors(self) -> list[torch.Tensor]:
         return [
             self.fine.matrix,
+            self.fine.set_matrix,
             *(g.counts for g in self.coarse),
             *(h.counts for h in self.consistency),
-            self.sets.counts,
         ]
 
     def all_reduce(self, process_group: dist.ProcessGroup | None = None) -> EvalMetrics:

@@ -63,11 +63,30 @@ class SyntheticSpec(_Strict):
     num_val: PosInt = 12
     """Number of synthetic validation images."""
     image_size: PosInt = 256
-    """Side of each synthetic image in pixels."""
-    patch_size: PosInt = 128
-    """Side of the square patches cut for the shards."""
+    """Side of each synthetic image in pixels (stored whole; training crops ``data.patch_size``)."""
     seed: int = 0
     """Seed of the generator (the same seed gives byte-identical shards)."""
+
+
+class NormalizationSpec(_Strict):
+    """How raw pixel values become the network input; one function for shards, loader and predict."""
+
+    mode: Literal["zscore", "percentile", "range"] = "zscore"
+    """``zscore``: per slice ``(x - mean) / std`` (the EM default); ``percentile``: the training split's
+    ``percentiles`` -> [0, 1]; ``range``: ``range`` (or the integer dtype's full range) -> [0, 1]."""
+    percentiles: tuple[float, float] = (1.0, 99.0)
+    """Low and high percentile for ``mode: percentile`` (multiples of 0.5, recorded by the shard builder)."""
+    range: tuple[float, float] | None = None
+    """Fixed ``[lo, hi]`` for ``mode: range``; ``null``: the full range of the shards' integer dtype."""
+
+    @model_validator(mode="after")
+    def _valid(self) -> NormalizationSpec:
+        lo, hi = self.percentiles
+        if not (0 <= lo < hi <= 100) or any(round(p * 2) != p * 2 for p in self.percentiles):
+            raise ValueError(f"percentiles {list(self.percentiles)}: need 0 <= low < high <= 100, multiples of 0.5")
+        if self.range is not None and not self.range[0] < self.range[1]:
+            raise ValueError(f"range {list(self.range)}: the low value must be below the high value")
+        return self
 
 
 class LabelSetSpec(_Strict):
@@ -90,12 +109,18 @@ class DataSpec(_Strict):
     """Validation shards (same forms as ``train``); every sample is evaluated exactly once."""
     batch_size: PosInt
     """Global batch size per step, summed over all workers (must divide by ``run.num_workers``)."""
+    patch_size: PosInt = 256
+    """Side of the square crop drawn at a fresh random position from a stored slice for every training
+    sample (validation scores whole slices through the same sliding window as ``hierseg predict``)."""
+    normalization: NormalizationSpec = NormalizationSpec()
+    """Input normalisation, recorded in checkpoints and the logged model so prediction applies the same."""
     num_workers: NonNegInt = 2
     """DataLoader worker processes per training rank (0 reads in the training process)."""
     shuffle_buffer: NonNegInt = 256
     """Samples held in the shuffle buffer of each loader (0 disables shuffling)."""
     class_balanced: bool = False
-    """Weight training patches by the inverse frequency of their valid classes."""
+    """Centre each training crop on a pixel of a class drawn by inverse frequency (valid single-class pixels
+    of the training manifest, as nnU-Net oversamples foreground); uniform positions otherwise."""
     on_bad_sample: Literal["stop", "skip"] = "stop"
     """``stop``: a corrupt sample fails the job naming shard and key; ``skip``: skip it with a counted warning."""
     augment: AugmentSpec = AugmentSpec()
@@ -191,8 +216,8 @@ class OptimSpec(_Strict):
 class RunSpec(_Strict):
     """How the job runs: processes, devices, length, cadence, and where outputs go."""
 
-    name: str = "hierseg"
-    """Run name: checkpoints go to ``<storage_path>/<name>`` and it names the MLflow run."""
+    name: str = Field("hierseg", min_length=1, pattern=r"^[^/\\\s][^/\\]*$")
+    """Run name: checkpoints go to ``<storage_path>/<name>`` and it names the MLflow run (no slashes)."""
     num_workers: PosInt = 2
     """Training processes (ranks); one per GPU when ``use_gpu``."""
     use_gpu: bool = False
@@ -213,8 +238,9 @@ class RunSpec(_Strict):
     """Checkpoints and Ray results (shared storage across nodes on a cluster)."""
     keep_checkpoints: PosInt = 2
     """Keep the best K checkpoints by ``best_metric`` (plus the latest)."""
-    best_metric: str = "val/fine/miou"
-    """Validation metric that ranks checkpoints and chooses the logged model."""
+    best_metric: str = "val/label/miou"
+    """Validation metric that ranks checkpoints and chooses the logged model (default: mean IoU over the
+    values the labels use, so classes without data never rank a checkpoint)."""
     best_mode: Literal["max", "min"] = "max"
     """Whether a larger (``max``) or smaller (``min``) ``best_metric`` is better."""
     max_failures: NonNegInt = 2

@@ -122,15 +122,22 @@ def open_input(spec: str) -> SliceStack:
 
 
 # -------------------------------------------------------------------------------------------- outputs
-def _layouts(shape: tuple[int, ...], k: int, is_2d: bool) -> dict[str, tuple[tuple[int, ...], str]]:
+OUR_NAMES = ("fine_labels", "fine_confidence", "coarse_prob", "fallback", "label_values")
+"""Every array prediction may write; ``--overwrite`` replaces these and nothing else."""
+
+
+def _layouts(shape: tuple[int, ...], k: int, is_2d: bool, label_values: bool) -> dict[str, tuple[tuple[int, ...], str]]:
     z, h, w = shape[0], shape[-2], shape[-1]
     plane = (h, w) if is_2d else (z, h, w)
-    return {
+    layouts = {
         "fine_labels": (plane, "uint8"),
         "fine_confidence": (plane, "float16"),
         "coarse_prob": ((k, *plane), "float16"),
         "fallback": (plane, "uint8"),
     }
+    if label_values:
+        layouts["label_values"] = (plane, "int32")
+    return layouts
 
 
 class _ArraySink:
@@ -178,11 +185,41 @@ class _FolderSink(_ArraySink):
             tw.close()
 
 
-def _prepare_target(path: Path, overwrite: bool) -> None:
-    if path.exists() and (path.is_file() or any(path.iterdir())):
-        if not overwrite:
-            raise StackError(f"--output {path} already exists; pass --overwrite or choose another path")
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+def _our_folder_files(path: Path) -> list[Path]:
+    names = {f"{n}.tif" for n in OUR_NAMES} | {"coarse_prob.npy"}
+    return [p for p in path.iterdir() if p.name in names] if path.is_dir() else []
+
+
+def _prepare_folder(path: Path, overwrite: bool) -> None:
+    """Only hierseg's own output files are replaced; anything else in the folder stays."""
+    if path.exists() and not path.is_dir():
+        raise StackError(f"--output {path} is a file; give a folder, out.zarr or out.h5")
+    ours = _our_folder_files(path)
+    if ours and not overwrite:
+        raise StackError(f"--output {path} already holds {ours[0].name}; pass --overwrite or choose another path")
+    for p in ours:
+        p.unlink()
+
+
+def _prepare_zarr(path: Path, overwrite: bool) -> None:
+    """A zarr store is replaced only when it holds nothing but hierseg's arrays."""
+    if not path.exists():
+        return
+    if not overwrite:
+        raise StackError(f"--output {path} already exists; pass --overwrite or choose another path")
+    entries = {p.name for p in path.iterdir()} - {"zarr.json", ".zgroup", ".zattrs", ".zmetadata"}
+    foreign = sorted(entries - set(OUR_NAMES))
+    if foreign:
+        raise StackError(f"--output {path} holds {foreign[:3]}, which hierseg did not write; choose another path")
+    shutil.rmtree(path)
+
+
+def check_not_input(output: str, input_spec: str) -> None:
+    """Refuse an output that is, contains or lies inside the input: overwriting it would destroy the data."""
+    out = split_source(output)[0].resolve()
+    inp = split_source(input_spec)[0].resolve()
+    if out == inp or inp.is_relative_to(out) or out.is_relative_to(inp):
+        raise StackError(f"--output {output} overlaps --input {input_spec}; write the prediction somewhere else")
 
 
 def _h5_sink(path: Path, group: str | None, layouts: dict, is_2d: bool, overwrite: bool) -> _ArraySink:
@@ -206,7 +243,7 @@ def _h5_sink(path: Path, group: str | None, layouts: dict, is_2d: bool, overwrit
 def _zarr_sink(path: Path, layouts: dict, is_2d: bool, overwrite: bool) -> _ArraySink:
     import zarr
 
-    _prepare_target(path, overwrite)
+    _prepare_zarr(path, overwrite)
     root = zarr.open_group(str(path), mode="w")
     arrays = {}
     for name, (shape, dtype) in layouts.items():
@@ -216,11 +253,11 @@ def _zarr_sink(path: Path, layouts: dict, is_2d: bool, overwrite: bool) -> _Arra
 
 
 @contextmanager
-def open_output(spec: str, shape: tuple[int, ...], k: int, *, overwrite: bool = False,
-                is_2d: bool | None = None) -> Iterator[_ArraySink]:  # fmt: skip
-    """A sink for the four outputs of a ``shape`` stack; ``sink.write(z, outputs)`` writes one slice."""
+def open_output(spec: str, shape: tuple[int, ...], k: int, *, overwrite: bool = False, is_2d: bool | None = None,
+                label_values: bool = False) -> Iterator[_ArraySink]:  # fmt: skip
+    """A sink for the outputs of a ``shape`` stack (``label_values`` too when asked); ``sink.write(z, outputs)``."""
     is_2d = bool(is_2d) if is_2d is not None else False
-    layouts = _layouts(shape, k, is_2d)
+    layouts = _layouts(shape, k, is_2d, label_values)
     path, inner = split_source(spec)
     try:
         if path.suffix.lower() in (".h5", ".hdf5", ".hdf"):
@@ -229,7 +266,7 @@ def open_output(spec: str, shape: tuple[int, ...], k: int, *, overwrite: bool = 
         elif path.suffix == ".zarr":
             sink = _zarr_sink(path, layouts, is_2d, overwrite)
         else:
-            _prepare_target(path, overwrite)
+            _prepare_folder(path, overwrite)
             path.mkdir(parents=True, exist_ok=True)
             sink = _FolderSink(path, layouts, is_2d)
     except StackError:

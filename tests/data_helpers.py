@@ -28,7 +28,20 @@ def write_pairs(folder: Path, num: int, size: int = 128, seed: int = 0) -> tuple
 
 def build(src: Path, out: Path, *extra: str) -> int:
     args = ["--images", str(src / "images"), "--labels", str(src / "labels"), "--out", str(out)]
-    return shards.main([*args, "--patch-size", "64", *extra])
+    return shards.main([*args, "--tile-size", "64", *extra])
+
+
+def train_loader(data, **kw):
+    """The training stream with the default normalisation and the 12 fine classes (no label sets)."""
+    from hierseg.data.loader import build_train_loader
+
+    return build_train_loader(data, normalization={"mode": "zscore"}, num_labels=12, **kw)
+
+
+def val_loader(data, **kw):
+    from hierseg.data.loader import build_val_loader
+
+    return build_val_loader(data, normalization={"mode": "zscore"}, num_labels=12, **kw)
 
 
 def digest(t) -> str:

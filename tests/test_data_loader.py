@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from hierseg.data.augment import augment
-from hierseg.data.loader import build_train_loader, build_val_loader, iter_raw_samples, resolve_shards
+from hierseg.data.loader import decode_sample, iter_raw_samples, random_crop, resolve_shards
 from hierseg.data.shards import write_tar_atomic
 from hierseg.spec import AugmentSpec, DataSpec
-from tests.data_helpers import build, digest, write_pairs
+from tests.data_helpers import build, digest, train_loader, val_loader, write_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def test_resolve_shards_forms_and_errors(shard_dir) -> None:
 
 def test_two_ranks_two_workers_exactly_once(shard_dir, tmp_path) -> None:
     all_samples = [
-        digest(torch.from_numpy(np.load(io.BytesIO(r["image.npy"]))).float() / 255)
+        digest(decode_sample(r, {"mode": "zscore"}, 12)[0])
         for url in resolve_shards(str(shard_dir))
         for r in iter_raw_samples(url)
     ]
@@ -63,23 +63,26 @@ def test_two_ranks_two_workers_exactly_once(shard_dir, tmp_path) -> None:
     seen = results[0]["val"] + results[1]["val"]
     assert sorted(seen) == sorted(all_samples) and len(set(seen)) == 20
     assert [r["train_steps"] for r in results] == [25, 25]
-    assert sum(r["val_batches"] for r in results) == 8  # each rank: 10 samples -> workers 5+5 -> 2+2 batches of <= 3
+    assert sum(r["val_batches"] for r in results) == 20  # whole stored tiles, one at a time
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    assert sum(r["val_valid"] for r in results) == sum(manifest["class_histogram"])  # every valid pixel once
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_gives_the_same_batches(shard_dir, num_workers) -> None:
-    data = DataSpec(train=str(shard_dir), val=str(shard_dir), batch_size=3, num_workers=num_workers, shuffle_buffer=5)
+    data = DataSpec(train=str(shard_dir), val=str(shard_dir), batch_size=3, num_workers=num_workers, shuffle_buffer=5,
+                    patch_size=40)  # fmt: skip
     aug = data.model_copy(update={"augment": AugmentSpec(elastic=0.5, blur=0.5)})
-    ref_stream = iter(build_train_loader(aug, rank=1, world_size=2, batch_size=3, seed=7))
+    ref_stream = iter(train_loader(aug, rank=1, world_size=2, batch_size=3, seed=7))
     ref = [next(ref_stream) for _ in range(9)]
     del ref_stream
-    first = build_train_loader(aug, rank=1, world_size=2, batch_size=3, seed=7)
+    first = train_loader(aug, rank=1, world_size=2, batch_size=3, seed=7)
     it = iter(first)
     for _ in range(5):
         next(it)
     state = json.loads(json.dumps(first.state_dict()))
     del it
-    resumed = build_train_loader(aug, rank=1, world_size=2, batch_size=3, seed=7)
+    resumed = train_loader(aug, rank=1, world_size=2, batch_size=3, seed=7)
     resumed.load_state_dict(state)
     it = iter(resumed)
     for want in ref[5:]:
@@ -89,9 +92,41 @@ def test_resume_gives_the_same_batches(shard_dir, num_workers) -> None:
 
 
 def test_class_balanced_runs(shard_dir) -> None:
-    data = DataSpec(train=str(shard_dir), val=str(shard_dir), batch_size=2, num_workers=0, class_balanced=True)
-    images, labels = next(iter(build_train_loader(data, rank=0, world_size=1, batch_size=2, seed=0)))
-    assert images.shape == (2, 1, 64, 64) and labels.dtype == torch.int64
+    data = DataSpec(train=str(shard_dir), val=str(shard_dir), batch_size=2, num_workers=0, class_balanced=True,
+                    patch_size=48)  # fmt: skip
+    images, labels = next(iter(train_loader(data, rank=0, world_size=1, batch_size=2, seed=0)))
+    assert images.shape == (2, 1, 48, 48) and labels.dtype == torch.int64
+
+
+def test_crops_are_fresh_per_visit_deterministic_per_seed() -> None:
+    """The crop position comes from the per-sample generator: same seed same crop, other seeds other crops."""
+    image = torch.arange(100 * 90, dtype=torch.float32).view(1, 100, 90)
+    label = torch.zeros(100, 90, dtype=torch.int64)
+
+    def origin(seed: int) -> tuple[int, int]:
+        crop, _ = random_crop(image, label, 32, torch.Generator().manual_seed(seed))
+        return divmod(int(crop[0, 0, 0]), 90)
+
+    origins = [origin(s) for s in range(50)]
+    assert origins == [origin(s) for s in range(50)]
+    assert len(set(origins)) > 40 and all(0 <= y <= 68 and 0 <= x <= 58 for y, x in origins)
+    small, small_label = random_crop(image[:, :20, :20], label[:20, :20], 32, torch.Generator().manual_seed(0))
+    assert small.shape == (1, 32, 32) and int((small_label == -1).sum()) == 32 * 32 - 400  # padding is uncertain
+
+
+def test_class_balanced_centres_on_rare_class_and_never_stalls() -> None:
+    """Oversampling centres crops on a present weighted class; with none present it falls back to uniform."""
+    label = torch.full((200, 200), 2, dtype=torch.int64)
+    label[150:154, 20:24] = 10  # a rare class in one corner
+    image = torch.zeros(1, 200, 200)
+    weights = torch.zeros(12)
+    weights[10] = 1.0
+    for seed in range(20):
+        _, lab = random_crop(image, label, 32, torch.Generator().manual_seed(seed), weights)
+        assert (lab == 10).any()
+    no_rare = torch.full((200, 200), 2, dtype=torch.int64)
+    crops = [random_crop(image, no_rare, 32, torch.Generator().manual_seed(s), weights)[1] for s in range(5)]
+    assert all(c.shape == (32, 32) for c in crops)
 
 
 def _corrupt_shard(folder: Path) -> None:
@@ -111,10 +146,34 @@ def test_bad_sample_stop_names_shard_and_key_skip_warns(tmp_path) -> None:
     _corrupt_shard(folder)
     data = DataSpec(train=str(folder), val=str(folder), batch_size=1, num_workers=0)
     with pytest.raises(ValueError, match=r"broken_000001.*shard-000000\.tar.*on_bad_sample=skip"):
-        list(build_val_loader(data, rank=0, world_size=1, batch_size=1))
+        list(val_loader(data, rank=0, world_size=1))
     skip = data.model_copy(update={"on_bad_sample": "skip"})
     with pytest.warns(UserWarning, match="1 skipped"):
-        assert len(list(build_val_loader(skip, rank=0, world_size=1, batch_size=1))) == 1
+        assert len(list(val_loader(skip, rank=0, world_size=1))) == 1
+
+
+def test_label_out_of_range_and_old_format_name_the_culprit(tmp_path) -> None:
+    """A label value beyond the fine classes and sets names its sample; old grid shards give the rebuild command."""
+    write_pairs(tmp_path / "p", 1)
+    build(tmp_path / "p", tmp_path / "s", "--val-frac", "0", "--samples-per-shard", "1")
+    folder = tmp_path / "s" / "train"
+    src = next(iter_raw_samples(str(folder / "shard-000000.tar")))
+    label = np.load(io.BytesIO(src["label.npy"]))
+    label[0, 0] = 50
+    buf = io.BytesIO()
+    np.save(buf, label)
+    members = [(f"{src['__key__']}.{k}", src[k]) for k in ("image.npy", "json")]
+    write_tar_atomic(folder / "shard-000000.tar", [*members, (f"{src['__key__']}.label.npy", buf.getvalue())])
+    data = DataSpec(train=str(folder), val=str(folder), batch_size=1, num_workers=0)
+    with pytest.raises(ValueError, match=r"shard-000000\.tar: label value 50 is outside -1\.\.11"):
+        list(val_loader(data, rank=0, world_size=1))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["format"] = "hierseg-shards/1"
+    manifest["command"] = "hierseg make-shards --images a --labels b --out c --patch-size 256 --stride 172"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    rebuild = "hierseg make-shards --images a --labels b --out c --overwrite"
+    with pytest.raises(ValueError, match=rf"older hierseg.*{rebuild}"):
+        resolve_shards(str(folder))
 
 
 def test_augment_keeps_label_values_and_shapes() -> None:

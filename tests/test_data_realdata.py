@@ -30,7 +30,7 @@ def test_srf_tem_round_trip_and_mouse_split(tmp_path) -> None:
     root = _need("srf_tem")
     out = tmp_path / "srf"
     args = ["--images", str(root / "images"), "--labels", str(root / "labels"), "--out", str(out)]
-    args += ["--label-map", str(MAPS / "srf_tem.yaml"), "--patch-size", "600", "--min-valid", "0"]
+    args += ["--label-map", str(MAPS / "srf_tem.yaml"), "--tile-size", "600", "--min-valid", "0"]
     assert shards.main([*args, "--group-regex", "sub-[^_]+", "--val-frac", "0.3", "--seed", "1"]) == 0
     mice, seen = {}, 0
     for split in ("train", "val"):
@@ -55,7 +55,7 @@ def test_vnc_sstem_stack_with_label_map(tmp_path) -> None:
     root = _need("vnc_sstem")
     out = tmp_path / "vnc"
     args = ["--images", str(root / "raw"), "--labels", str(root / "labels"), "--stack", "--out", str(out)]
-    args += ["--label-map", str(MAPS / "vnc_sstem.yaml"), "--patch-size", "512", "--slabs", "train=0:15,val=17:20"]
+    args += ["--label-map", str(MAPS / "vnc_sstem.yaml"), "--tile-size", "512", "--slabs", "train=0:15,val=17:20"]
     assert shards.main(args) == 0
     manifest = json.loads((out / "val" / "manifest.json").read_text())
     assert set(np.flatnonzero(manifest["class_histogram"])) == {0, 10}

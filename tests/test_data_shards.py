@@ -14,6 +14,8 @@ from hierseg.data import shards
 from hierseg.data.loader import decode_sample, iter_raw_samples, resolve_shards
 from tests.data_helpers import build, tree_bytes, write_pairs
 
+ZSCORE = {"mode": "zscore"}
+
 
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> Path:
@@ -35,7 +37,7 @@ def test_manifest_fields_and_histogram(pairs, tmp_path) -> None:
         hist, unc = np.zeros(12, np.int64), 0
         for url in resolve_shards(str(tmp_path / "s" / split)):
             for raw in iter_raw_samples(url):
-                _, lab = decode_sample(raw)
+                _, lab = decode_sample(raw, ZSCORE, 12)
                 hist += np.bincount(lab[lab >= 0].numpy(), minlength=12)
                 unc += int((lab < 0).sum())
         assert hist.tolist() == m["class_histogram"] and unc == m["num_uncertain_pixels"] > 0
@@ -66,17 +68,39 @@ def test_interrupted_write_leaves_no_half_shard(pairs, tmp_path, monkeypatch) ->
     monkeypatch.setattr(tarfile.TarFile, "addfile", dying_addfile)
     with pytest.raises(KeyboardInterrupt):
         build(pairs, tmp_path / "s", "--samples-per-shard", "3")
-    folder = tmp_path / "s" / "train"
-    assert sorted(p.name for p in folder.glob("shard-*.tar")) == ["shard-000000.tar"]
-    assert not (folder / "manifest.json").exists()
-    assert len(list(iter_raw_samples(str(folder / "shard-000000.tar")))) == 3
+    assert not (tmp_path / "s").exists() and not list(tmp_path.iterdir())  # nothing half-built, no temp left
+
+
+def test_failed_rebuild_keeps_the_previous_shards(pairs, tmp_path, capsys) -> None:
+    """--overwrite with a build that fails half-way (an unmapped value) leaves the old shards as they were."""
+    out = tmp_path / "s"
+    assert build(pairs, out) == 0
+    before = tree_bytes(out)
+    (tmp_path / "map.yaml").write_text("mapping: {0: extracellular space, 255: uncertain}\n")  # misses 1..11
+    assert build(pairs, out, "--label-map", str(tmp_path / "map.yaml"), "--overwrite") == 2
+    assert "not in label map" in capsys.readouterr().err
+    assert tree_bytes(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["map.yaml", "s"]
+    (out / "train" / "notes.txt").write_text("mine")
+    assert build(pairs, out, "--overwrite") == 2  # a file hierseg did not write is never removed
+    assert (out / "train" / "notes.txt").read_text() == "mine"
+
+
+def test_old_patch_flags_and_bad_numbers_are_argument_errors(pairs, tmp_path, capsys) -> None:
+    args = ["--images", str(pairs / "images"), "--labels", str(pairs / "labels"), "--out", str(tmp_path / "o")]
+    assert shards.main([*args, "--patch-size", "64"]) == 2
+    assert "data.patch_size" in capsys.readouterr().err
+    for bad in (["--tile-size", "0"], ["--tile-size", "-8"], ["--samples-per-shard", "0"]):
+        with pytest.raises(SystemExit) as e:
+            shards.main([*args, *bad])
+        assert e.value.code == 2 and "positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_min_valid_drops_and_counts(pairs, tmp_path) -> None:
     assert build(pairs, tmp_path / "s", "--min-valid", "0.999") == 2  # everything dropped -> clear error
     assert build(pairs, tmp_path / "t", "--min-valid", "0.9") == 0
     m = json.loads((tmp_path / "t" / "train" / "manifest.json").read_text())
-    assert m["num_dropped_patches"] > 0
+    assert m["num_dropped_tiles"] > 0
 
 
 def test_stack_slab_split_with_context(tmp_path) -> None:
@@ -87,20 +111,22 @@ def test_stack_slab_split_with_context(tmp_path) -> None:
     np.save(tmp_path / "lab.npy", np.where(label < 0, 255, label).astype(np.uint8))
     args = ["--images", str(tmp_path / "img.npy"), "--labels", str(tmp_path / "lab.npy"), "--stack"]
     out = tmp_path / "s"
-    assert shards.main([*args, "--out", str(out), "--patch-size", "32", "--context", "1", "--gap", "0"]) == 2
+    assert shards.main([*args, "--out", str(out), "--tile-size", "32", "--context", "1", "--gap", "0"]) == 2
     assert (
-        shards.main(
-            [*args, "--out", str(out), "--patch-size", "32", "--context", "1", "--slabs", "train=0:8,val=10:12"]
-        )
+        shards.main([*args, "--out", str(out), "--tile-size", "32", "--context", "1", "--slabs", "train=0:8,val=10:12"])
         == 0
     )
     m = json.loads((out / "val" / "manifest.json").read_text())
     assert m["channels"] == 3 and m["num_samples"] == 2 * 4 and m["split_config"]["slabs"]["val"] == [10, 12]
     raw = next(iter_raw_samples(resolve_shards(str(out / "val"))[0]))
-    img, _ = decode_sample(raw)
     meta = json.loads(raw["json"])
     z, y, x = meta["slice"], meta["y"], meta["x"]
-    assert np.array_equal((img.numpy() * 255).round().astype(np.uint8), image[z - 1 : z + 2, y : y + 32, x : x + 32])
+    stored = np.load(__import__("io").BytesIO(raw["image.npy"]))
+    assert stored.dtype == np.uint8 and np.array_equal(stored, image[z - 1 : z + 2, y : y + 32, x : x + 32])
+    whole = image[z - 1 : z + 2].astype(np.float64)  # z-score statistics of the whole slice and its context
+    img, _ = decode_sample(raw, ZSCORE, 12)
+    expected = (image[z - 1 : z + 2, y : y + 32, x : x + 32] - whole.mean()) / whole.std()
+    np.testing.assert_allclose(img.numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_input_errors_are_clear(pairs, tmp_path, capsys) -> None:

@@ -57,7 +57,7 @@ def test_tiled_equals_whole_image_when_it_fits(model) -> None:
     whole = torch.cat([lf.softmax(1), lc[0].sigmoid()], 1)[0]
     tiled = predict_probs(model, x[0], PredictOptions(tile=128, overlap=32, batch=4))
     torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=1e-5)
-    out = predict_image(model, img, tile=128, overlap=32, batch=4)
+    out = predict_image(model, img, tile=128, overlap=32, batch=4, normalization={"mode": "affine", "lo": 0, "hi": 255})
     np.testing.assert_allclose(out["coarse_prob"].astype(np.float32), lc[0][0].sigmoid().numpy(), atol=1e-3)
 
 
@@ -69,13 +69,13 @@ def test_multi_tile_blending_is_close_to_whole(model) -> None:
     assert (tiled[:12].argmax(0) == whole[:12].argmax(0)).float().mean() > 0.8
 
 
-def test_synthetic_stack_outputs_consistent(model) -> None:
+def test_synthetic_stack_outputs_consistent() -> None:
     from hierseg.data.synth import synth_stack
-    from hierseg.infer import predict_volume
+    from hierseg.infer import load_predictor, predict_volume
 
     vol = np.asarray(synth_stack(seed=0, depth=3, size=96)[0])
     opts = PredictOptions(tile=64, overlap=16, batch=4, fine_threshold=0.6, coarse_threshold=0.4)
-    outs = list(predict_volume(model, vol, options=opts))
+    outs = list(predict_volume(load_predictor(str(trained().checkpoints[0])), vol, options=opts))
     assert len(outs) == 3
     for out in outs:
         _check_outputs(out, vol.shape[1:], opts)
@@ -137,8 +137,16 @@ def test_predict_errors_exit_2(tmp_path: Path, capsys) -> None:
     assert "no such checkpoint" in capsys.readouterr().err
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "keep.txt").write_text("user data")
-    assert _predict("--model", ckpt, "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "o")) == 2
-    assert "--overwrite" in capsys.readouterr().err and (tmp_path / "o" / "keep.txt").is_file()
+    args = ["--model", ckpt, "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "o")]
+    assert _predict(*args) == 0 and (tmp_path / "o" / "keep.txt").read_text() == "user data"
+    assert _predict(*args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert _predict(*args, "--overwrite") == 0 and (tmp_path / "o" / "keep.txt").read_text() == "user data"
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        "coarse_prob.npy", "fallback.tif", "fine_confidence.tif", "fine_labels.tif", "keep.txt"
+    ]  # fmt: skip
+    for out in (tmp_path / "x.npy", tmp_path):  # the input itself, or a folder holding it: refused
+        assert _predict("--model", ckpt, "--input", str(tmp_path / "x.npy"), "--output", str(out), "--overwrite") == 2
+        assert "overlaps --input" in capsys.readouterr().err and (tmp_path / "x.npy").is_file()
     assert _predict("--model", "models:/tiny-seg@nope", "--input", str(tmp_path / "x.npy"), "--output",
                     str(tmp_path / "p")) == 2  # fmt: skip
     assert "aliases:" in capsys.readouterr().err
@@ -151,13 +159,14 @@ def test_evaluate_shards_matches_training_validation(capsys) -> None:
 
     t = trained()
     assert main(["--model", f"runs:/{t.run_ids[0]}/model", "--tracking-uri", t.uri, "--shards",
-                 str(t.shards_val), "--raw", "--format", "json"]) == 0  # fmt: skip
+                 str(t.shards_val), "--format", "json"]) == 0  # fmt: skip
     rep = json.loads(capsys.readouterr().out)
     from hierseg.train.checkpoint import load_state
 
     best = load_state(t.checkpoints[0])["best_metrics"]
     assert rep["num_valid"] == best["val/num_valid"]
-    assert rep["fine"]["miou"] == pytest.approx(best["val/fine/miou"], abs=1e-6)
+    assert rep["fine"]["miou"] == pytest.approx(best["val/fine/miou"], abs=1e-9)  # one code path, same numbers
+    assert rep["label"]["miou"] == pytest.approx(best["val/label/miou"], abs=1e-9)
     assert MlflowClient(t.uri).get_run(t.run_ids[0]).data.metrics["val/num_valid"] == rep["num_valid"]
 
 

@@ -83,8 +83,8 @@ def _metrics_rank(rank, world):
     lut = Hierarchy.default().lut()
     em = EvalMetrics(12, [lut])
     g = torch.Generator().manual_seed(rank)
-    logits = torch.randn(1, 12, 8, 8, generator=g)
-    em.update(logits, [torch.randn(1, 5, 8, 8, generator=g)], target[:64].view(1, 8, 8))
+    pred_fine = torch.randn(1, 12, 8, 8, generator=g).argmax(1)
+    em.update(pred_fine, [torch.rand(1, 5, 8, 8, generator=g)], target[:64].view(1, 8, 8))
     local = [t.clone() for t in em._tensors()]
     em.all_reduce()
     return cm.matrix, local, em._tensors()

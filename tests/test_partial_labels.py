@@ -190,18 +190,17 @@ def test_ddp_three_ranks_equal_one_process() -> None:
 def test_metrics_set_accuracy_and_group_confusion() -> None:
     y = torch.tensor([[[10, 12, 12, 13, 14, -1]]])  # mito, glia|ecs x2, neuron_part, not_mito, uncertain
     pred_cls = torch.tensor([[[10, 5, 3, 2, 10, 0]]])
-    logits = F.one_hot(pred_cls, 12).permute(0, 3, 1, 2).double()
-    coarse = torch.full((1, 5, 1, 6), -5.0)
-    coarse[0, 0] = 5.0  # predicts neuron_part everywhere
+    coarse = torch.full((1, 5, 1, 6), 0.01)
+    coarse[0, 0] = 0.99  # predicts neuron_part everywhere
     m = EvalMetrics(12, [PLAN_LUT], label_sets=TABLE, set_names=SETS.names).all_reduce()
-    m.update(logits, [coarse], y)
+    m.update(pred_cls, [coarse], y)
     assert m.fine.num_valid == 1  # only the single-class pixel
-    assert m.sets.counts.tolist() == [[1, 2], [1, 1], [0, 1], [0, 0]]
+    assert m.fine.set_counts().tolist() == [[1, 2], [1, 1], [0, 1], [0, 0]]
     c = m.coarse[0].counts  # neuron_part (k=0): mito->0, glia|ecs->0 x2, neuron_part->1; not_mito straddles
     assert c[0].tolist() == [[0, 3], [0, 1]]
     assert int(c[1].sum()) == 2 and int(c[4].sum()) == 2  # glia|ecs straddles glia and non_tissue: skipped
     assert int(c[3].sum()) == 4  # organelle: mito inside, glia|ecs and neuron_part disjoint
-    from hierseg.train.evaluate import summarize
+    from hierseg.evaluate import summarize
 
     s = summarize(m, Hierarchy.default())
     assert s["val/set_accuracy/glia_or_ecs"] == 0.5 and s["val/set_accuracy/not_mito"] == 0.0
@@ -279,7 +278,7 @@ def test_manifest_set_histogram_and_class_balanced_loader(tmp_path) -> None:
     (tmp_path / "map.yaml").write_text("mapping: {1: mitochondria, 0: {not: [mitochondria]}, 3: uncertain}\n")
     args = ["--images", str(tmp_path / "images"), "--labels", str(tmp_path / "labels"), "--out", str(tmp_path / "o")]
     assert (
-        shards.main([*args, "--label-map", str(tmp_path / "map.yaml"), "--patch-size", "32", "--val-frac", "0.25"]) == 0
+        shards.main([*args, "--label-map", str(tmp_path / "map.yaml"), "--tile-size", "32", "--val-frac", "0.25"]) == 0
     )
     ms = [json.loads((tmp_path / "o" / s / "manifest.json").read_text()) for s in ("train", "val")]
     for m in ms:
@@ -296,8 +295,9 @@ def test_manifest_set_histogram_and_class_balanced_loader(tmp_path) -> None:
     from hierseg.data.loader import build_train_loader
     from hierseg.spec import DataSpec
 
-    data = DataSpec(train=str(tmp_path / "o" / "train"), val=str(tmp_path / "o" / "val"), batch_size=2)
+    data = DataSpec(train=str(tmp_path / "o" / "train"), val=str(tmp_path / "o" / "val"), batch_size=2, patch_size=16)
     data = data.model_copy(update={"num_workers": 0, "class_balanced": True})
-    stream = iter(build_train_loader(data, rank=0, world_size=1, batch_size=2, seed=0))
+    stream = iter(build_train_loader(data, rank=0, world_size=1, batch_size=2, seed=0,
+                                     normalization={"mode": "zscore"}, num_labels=13))  # fmt: skip
     labels = torch.cat([next(stream)[1] for _ in range(6)])
     assert int(labels.max()) == 12 and int(labels.min()) >= -1

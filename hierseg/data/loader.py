@@ -5,16 +5,18 @@ Training (:func:`build_train_loader`) never ends: each rank's stream is cut into
 In epoch ``e`` the shard list is permuted by ``(seed, e)`` and consumer ``c`` reads shards
 ``perm[(c + k*C) % S]`` for ``k < ceil(S / C)``, so every consumer gets the same number of shards (a
 few repeat when ``S`` does not divide) and no rank can run dry: every rank takes as many steps as
-the loop asks (DESIGN.md invariant 3). A consumer's samples pass a shuffle buffer seeded by
-``(seed, e, c)``; sample ``i`` of that shuffled order is augmented with a generator seeded by
-``(seed, e, c, i)``. The position of a consumer is ``(epoch, i)``; the DataLoader hands out batches
-of the workers round-robin, so the global batch ``b`` comes from logical worker ``b % L``. That makes
-the whole stream a pure function of (seed, rank, world, position): :meth:`TrainStream.state_dict`
-records the positions, and a restored stream replays only shard reads (no decoding) to get there.
+the loop asks (DESIGN.md invariant 3). A consumer's samples (whole stored slices) pass a shuffle
+buffer seeded by ``(seed, e, c)``; sample ``i`` of that shuffled order gets a generator seeded by
+``(seed, e, c, i)`` that draws its crop position (:func:`random_crop`) and its augmentation, so a
+repeated slice gives a new crop every time and resume replays the same crops. The position of a
+consumer is ``(epoch, i)``; the DataLoader hands out batches of the workers round-robin, so the
+global batch ``b`` comes from logical worker ``b % L``. That makes the whole stream a pure function
+of (seed, rank, world, position): :meth:`TrainStream.state_dict` records the positions, and a
+restored stream replays only shard reads (no decoding) to get there.
 
-Validation (:func:`build_val_loader`) assigns every sample an explicit global index (manifest shard
-order, then tar order); rank ``r`` takes a contiguous index range and splits it again over its loader
-workers, so each sample is seen exactly once over all ranks, with no duplication or padding.
+Validation (:func:`build_val_loader`) assigns every stored slice an explicit global index (manifest
+shard order, then tar order); rank ``r`` takes a contiguous index range and splits it again over its
+loader workers, so each slice, whole and uncropped, is seen exactly once over all ranks.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import io
 import json
 import math
 import os
+import shlex
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,11 +35,14 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from hierseg.data.normalize import normalize
 from hierseg.spec import DataSpec
 
 MANIFEST = "manifest.json"
+SHARD_FORMAT = "hierseg-shards/2"
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -63,6 +69,7 @@ def resolve_shards(url: str) -> list[str]:
     elif os.path.isdir(url) or url.endswith(MANIFEST):
         folder = Path(url).parent if url.endswith(MANIFEST) else Path(url)
         manifest = read_manifest(str(folder))
+        check_format(manifest, folder)
         names = [s["name"] for s in manifest["shards"]] if manifest else sorted(p.name for p in folder.glob("*.tar"))
         shards = [str(folder / n) for n in names]
         missing = [s for s in shards if not os.path.isfile(s)]
@@ -80,6 +87,30 @@ def resolve_shards(url: str) -> list[str]:
     if not shards:
         raise ValueError(f"no shards found for {url!r}; build them with `hierseg make-shards` or fix the pattern")
     return shards
+
+
+def check_format(manifest: dict | None, folder: Path | str) -> None:
+    """Shards of an older layout (a fixed grid of patches, values pre-scaled) fail here with the rebuild command."""
+    if manifest is None or manifest.get("format", SHARD_FORMAT) == SHARD_FORMAT:
+        return
+    command = str(manifest.get("command", ""))
+    if command.startswith("hierseg synthetic"):
+        fix = f"delete {folder} (synthetic demo shards) and rerun: they are generated again"
+    else:
+        argv = shlex.split(command)
+        keep = [a for i, a in enumerate(argv) if not _is_old_flag(argv, i)]
+        fix = f"rebuild them with: {shlex.join(keep)} --overwrite" if keep else "rebuild them with hierseg make-shards"
+    raise ValueError(
+        f"{folder}/{MANIFEST} is {manifest.get('format', 'an unversioned format')}, a fixed grid of patches from an "
+        f"older hierseg; this version stores whole slices ({SHARD_FORMAT}) and crops data.patch_size while "
+        f"training: {fix}"
+    )
+
+
+def _is_old_flag(argv: list[str], i: int) -> bool:
+    """``--patch-size N`` / ``--stride N`` (either form) of an old make-shards command."""
+    old = ("--patch-size", "--stride")
+    return argv[i] in old or argv[i].startswith(tuple(f"{o}=" for o in old)) or (i > 0 and argv[i - 1] in old)
 
 
 def read_manifest(url: str) -> dict | None:
@@ -126,8 +157,14 @@ def iter_raw_samples(url: str) -> Iterator[dict[str, Any]]:
         stream.close()
 
 
-def decode_sample(raw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``float32 [C,H,W]`` image (uint8 scaled to [0, 1]) and ``int64 [H,W]`` label (-1 = uncertain)."""
+def decode_sample(raw: dict[str, Any], norm: dict[str, Any], num_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised ``float32 [C,h,w]`` image and ``int64 [h,w]`` label of a stored slice or tile.
+
+    ``norm`` is the run's resolved normalisation (:func:`hierseg.data.normalize.normalize`), applied
+    with the whole slice's statistics stored beside the tile; labels must lie in ``-1 .. num_labels - 1``
+    (fine classes, then label-set ids), which is checked here so that a bad value names its sample
+    instead of failing deep inside the loss (a device-side assert on GPU).
+    """
     for part in ("image.npy", "label.npy"):
         if part not in raw:
             raise ValueError(f"missing member {part} (has {sorted(k for k in raw if not k.startswith('__'))})")
@@ -137,10 +174,16 @@ def decode_sample(raw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         image = image[None]
     if image.ndim != 3 or label.ndim != 2 or image.shape[1:] != label.shape:
         raise ValueError(f"image shape {image.shape} does not fit label shape {label.shape}")
-    if label.dtype.kind not in "iu" or (label.size and label.min() < -1):
-        raise ValueError(f"label must be integers >= -1, got dtype {label.dtype}")
-    img = torch.from_numpy(image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32))
-    return img, torch.from_numpy(label.astype(np.int64))
+    if label.dtype.kind not in "iu":
+        raise ValueError(f"label must be integers, got dtype {label.dtype}")
+    if label.size and (label.min() < -1 or label.max() >= num_labels):
+        bad = int(label.max()) if label.max() >= num_labels else int(label.min())
+        raise ValueError(
+            f"label value {bad} is outside -1..{num_labels - 1} (fine classes 0..11, then the manifest's label sets)"
+        )
+    meta = json.loads(raw["json"]) if "json" in raw else {}
+    x = normalize(image, norm, meta.get("stats"))
+    return torch.from_numpy(x), torch.from_numpy(label.astype(np.int64))
 
 
 class BadSamplePolicy:
@@ -167,9 +210,9 @@ def _guarded_samples(url: str, policy: BadSamplePolicy) -> Iterator[dict[str, An
         policy(url, None, e)
 
 
-def _decode_or_none(raw: dict[str, Any], policy: BadSamplePolicy) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _decode_or_none(raw: dict[str, Any], cfg: dict[str, Any], policy: BadSamplePolicy) -> Batch | None:
     try:
-        return decode_sample(raw)
+        return decode_sample(raw, cfg["normalization"], cfg["num_labels"])
     except Exception as e:
         policy(raw.get("__url__", "?"), raw.get("__key__"), e)
         return None
@@ -212,6 +255,51 @@ def class_weights(manifest: dict | None) -> torch.Tensor:
     return w.to(torch.float32)
 
 
+_CROP_TRIES = 4
+
+
+def random_crop(
+    image_CHW: torch.Tensor,
+    label_HW: torch.Tensor,
+    size: int,
+    gen: torch.Generator,
+    class_weights: torch.Tensor | None = None,
+) -> Batch:
+    """A ``size x size`` crop at a position drawn from ``gen`` (so resume replays it exactly).
+
+    Uniform positions, or with ``class_weights`` centred on a pixel of a class drawn by weight among
+    the classes present (single-class valid pixels only; uniform when none is present). A slice
+    smaller than ``size`` is padded: image with 0 (the z-scored mean), label with uncertain.
+    """
+    _, h, w = image_CHW.shape
+    if h < size or w < size:
+        pad = (0, max(0, size - w), 0, max(0, size - h))
+        image_CHW = F.pad(image_CHW, pad)
+        label_HW = F.pad(label_HW, pad, value=-1)
+        h, w = label_HW.shape
+    centre = _weighted_pixel(label_HW, class_weights, gen) if class_weights is not None else None
+    if centre is None:
+        y0 = int(torch.randint(0, h - size + 1, (), generator=gen))
+        x0 = int(torch.randint(0, w - size + 1, (), generator=gen))
+    else:
+        y0 = min(max(centre[0] - size // 2, 0), h - size)
+        x0 = min(max(centre[1] - size // 2, 0), w - size)
+    return image_CHW[:, y0 : y0 + size, x0 : x0 + size], label_HW[y0 : y0 + size, x0 : x0 + size]
+
+
+def _weighted_pixel(label_HW: torch.Tensor, weights: torch.Tensor, gen: torch.Generator) -> tuple[int, int] | None:
+    """A random pixel of a class drawn with probability ~ weight among the classes present; None if none is."""
+    fine = label_HW[(label_HW >= 0) & (label_HW < weights.numel())]
+    present = torch.bincount(fine, minlength=weights.numel()) > 0
+    p = weights * present
+    if float(p.sum()) <= 0:
+        return None
+    c = int(torch.multinomial(p, 1, generator=gen))
+    idx = torch.nonzero(label_HW.reshape(-1) == c).squeeze(1)
+    flat = int(idx[int(torch.randint(0, idx.numel(), (), generator=gen))])
+    return flat // label_HW.shape[1], flat % label_HW.shape[1]
+
+
 class _TrainSource(IterableDataset):
     """One rank's infinite batch stream; each DataLoader worker plays one logical worker."""
 
@@ -230,23 +318,16 @@ class _TrainSource(IterableDataset):
         return _shuffled(raws, self.cfg["shuffle_buffer"], rng)
 
     def _prepare(self, raw: dict, gen: torch.Generator, policy: BadSamplePolicy) -> Batch | None:
-        """Decode, drop all-uncertain patches, class-balanced acceptance, augmentation."""
-        sample = _decode_or_none(raw, policy)
+        """Decode a stored slice, draw a random crop with some valid pixel, augment it."""
+        sample = _decode_or_none(raw, self.cfg, policy)
         if sample is None:
             return None
-        image, label = sample
-        valid = label >= 0
-        if not valid.any():
-            return None
-        weights = self.cfg["class_weights"]
-        if weights is not None:
-            # Only single-class pixels weigh in: label-set pixels (ids >= 12) say nothing about which
-            # fine class is rare, so a patch of set pixels only is kept at the floor rate, never dropped.
-            fine = label[valid & (label < weights.numel())]
-            ratio = float(weights[fine].mean() / weights.max()) if fine.numel() else 0.0
-            accept = max(0.05, ratio)
-            if float(torch.rand((), generator=gen)) >= accept:
-                return None
+        for _ in range(_CROP_TRIES):
+            image, label = random_crop(*sample, self.cfg["patch_size"], gen, self.cfg["class_weights"])
+            if (label >= 0).any():
+                break
+        else:
+            return None  # a mostly uncertain slice: every try landed on uncertain pixels only
         if self.cfg["augment"] is not None:
             from hierseg.data.augment import augment
 
@@ -301,12 +382,16 @@ class TrainStream:
 
     def __iter__(self) -> Iterator[Batch]:
         source = _TrainSource(self.shards, self.cfg, dict(self.positions), self.batches % self.logical_workers)
+        # Its own generator: the workers' base seed must not draw from the global RNG, which resume
+        # restores for dropout (drawing here would shift it and break bit-exact resume).
+        generator = torch.Generator().manual_seed(_seed(self.cfg["seed"], self.cfg["rank"], self.batches))
         loader = DataLoader(
             source,
             batch_size=None,
             num_workers=self.num_workers,
             prefetch_factor=2 if self.num_workers else None,
             persistent_workers=False,
+            generator=generator,
         )
         for batch, (lw, epoch, pos) in loader:
             self.positions[lw] = (epoch, pos)
@@ -347,12 +432,26 @@ class TrainStream:
 
 
 def build_train_loader(
-    data: DataSpec, *, rank: int, world_size: int, batch_size: int, seed: int, augment: bool = True
+    data: DataSpec,
+    *,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    seed: int,
+    normalization: dict[str, Any],
+    num_labels: int,
+    augment: bool = True,
 ) -> TrainStream:
-    """The rank's infinite training stream of ``batch_size`` (per-rank) batches."""
+    """The rank's infinite training stream of ``batch_size`` (per-rank) random crops of ``data.patch_size``.
+
+    ``normalization`` is the run's resolved normalisation; ``num_labels`` is 12 plus the number of label sets.
+    """
     shards = resolve_shards(data.train)
     weights = class_weights(read_manifest(data.train)) if data.class_balanced else None
     cfg = {
+        "patch_size": data.patch_size,
+        "normalization": normalization,
+        "num_labels": num_labels,
         "seed": seed,
         "rank": rank,
         "world_size": world_size,
@@ -385,16 +484,14 @@ def shard_counts(url: str, shards: list[str]) -> list[int]:
 class _ValSource(IterableDataset):
     """Samples with global index in ``[start, stop)``, split further over DataLoader workers."""
 
-    def __init__(self, shards, counts, start, stop, batch_size, on_bad_sample):
+    def __init__(self, shards: list[str], counts: list[int], start: int, stop: int, cfg: dict[str, Any]):
         super().__init__()
-        self.shards, self.counts, self.start, self.stop = shards, counts, start, stop
-        self.batch_size, self.on_bad_sample = batch_size, on_bad_sample
+        self.shards, self.counts, self.start, self.stop, self.cfg = shards, counts, start, stop, cfg
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         a, b = _split_range(self.start, self.stop, info.num_workers if info else 1, info.id if info else 0)
-        policy = BadSamplePolicy(self.on_bad_sample)
-        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        policy = BadSamplePolicy(self.cfg["on_bad_sample"])
         offset = 0
         for url, count in zip(self.shards, self.counts):
             lo, hi = max(a, offset), min(b, offset + count)
@@ -402,39 +499,31 @@ class _ValSource(IterableDataset):
                 seen = 0
                 for j, raw in enumerate(_guarded_samples(url, policy)):
                     seen = j + 1
-                    if lo <= offset + j < hi and (sample := _decode_or_none(raw, policy)) is not None:
-                        pending.append(sample)
-                        if len(pending) == self.batch_size:
-                            yield _stack(pending)
-                            pending = []
-                if seen != count and self.on_bad_sample == "stop":
+                    if lo <= offset + j < hi and (sample := _decode_or_none(raw, self.cfg, policy)) is not None:
+                        yield sample[0][None], sample[1][None]
+                if seen != count and policy.mode == "stop":
                     raise ValueError(f"shard {url} holds {seen} samples but the manifest says {count}; rebuild")
             offset += count
-        if pending:
-            yield _stack(pending)
-
-
-def _stack(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> Batch:
-    return torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
 
 
 class ValLoader:
-    """This rank's share of the validation set; over all ranks every sample appears exactly once."""
+    """This rank's share of the validation slices, one ``[1, C, h, w]`` slice at a time (whole, never cropped).
 
-    def __init__(self, shards: list[str], counts: list[int], rank: int, world_size: int, batch_size: int, data):
+    Over all ranks every stored slice or tile appears exactly once, so every valid pixel is scored once.
+    """
+
+    def __init__(self, shards: list[str], counts: list[int], rank: int, world_size: int, cfg: dict[str, Any],
+                 num_workers: int):  # fmt: skip
         self.start, self.stop = _split_range(0, sum(counts), world_size, rank)
-        self.num_workers = data.num_workers
-        self.source = _ValSource(shards, counts, self.start, self.stop, batch_size, data.on_bad_sample)
-        parts = max(1, self.num_workers)
-        sizes = [b - a for a, b in (_split_range(self.start, self.stop, parts, w) for w in range(parts))]
-        self._len = sum(math.ceil(n / batch_size) for n in sizes)
+        self.num_workers = num_workers
+        self.source = _ValSource(shards, counts, self.start, self.stop, cfg)
 
     @property
     def num_samples(self) -> int:
         return self.stop - self.start
 
     def __len__(self) -> int:
-        return self._len
+        return self.num_samples
 
     def __iter__(self) -> Iterator[Batch]:
         if self.num_samples == 0:
@@ -444,7 +533,10 @@ class ValLoader:
         return iter(loader)
 
 
-def build_val_loader(data: DataSpec, *, rank: int, world_size: int, batch_size: int) -> ValLoader:
-    """Un-augmented batches of this rank's contiguous share of the validation samples (last batch may be short)."""
+def build_val_loader(
+    data: DataSpec, *, rank: int, world_size: int, normalization: dict[str, Any], num_labels: int
+) -> ValLoader:
+    """Un-augmented whole slices of this rank's contiguous share of the validation samples."""
     shards = resolve_shards(data.val)
-    return ValLoader(shards, shard_counts(data.val, shards), rank, world_size, batch_size, data)
+    cfg = {"normalization": normalization, "num_labels": num_labels, "on_bad_sample": data.on_bad_sample}
+    return ValLoader(shards, shard_counts(data.val, shards), rank, world_size, cfg, data.num_workers)

@@ -1,13 +1,18 @@
-"""Shard builder: images/volumes + labels -> WebDataset tar shards of 2D patches, one folder per split.
+"""Shard builder: images/volumes + labels -> WebDataset tar shards of whole slices, one folder per split.
 
 ``hierseg make-shards`` (or ``python jobs/make_shards.py``) reads the inputs once, maps label values
-through a :class:`~hierseg.data.labelmap.LabelMap`, cuts patches, splits by group (a regex over file
-names, or z slab ranges of a stack with a gap) and writes per split::
+through a :class:`~hierseg.data.labelmap.LabelMap`, splits by group (a regex over file names, or z
+slab ranges of a stack with a gap) and writes per split::
 
     <out>/<split>/shard-000000.tar ...   samples <source>_<index>.{image.npy,label.npy,json}
     <out>/<split>/manifest.json          counts, class histogram of valid pixels, label map, sources, command
 
 Design choices and why:
+- Slices are stored whole (larger ones as a non-overlapping grid of tiles of at most ``--tile-size``)
+  with raw pixel values and their whole-slice statistics: the loader draws a fresh random crop of
+  ``data.patch_size`` for every training sample and normalises it with :mod:`hierseg.data.normalize`,
+  and validation covers every pixel exactly once. A fixed grid of patches made a model's quality
+  depend on where that grid fell.
 - Labels are stored as int16 ``.npy`` (never PNG): -1 survives, and no decoder can turn them into RGB floats.
 - Each shard is written to a hidden temporary name and renamed when complete; the manifest is written
   last. An interrupted run therefore never leaves a half shard that looks whole.
@@ -21,9 +26,11 @@ import argparse
 import io
 import itertools
 import json
+import math
 import os
 import re
 import shlex
+import shutil
 import sys
 import tarfile
 from collections.abc import Iterable
@@ -35,10 +42,11 @@ import numpy as np
 
 from hierseg.data.io import file_sha256, list_images, read_array, split_source
 from hierseg.data.labelmap import LabelMap, histogram, set_histogram
+from hierseg.data.normalize import IntensitySummary, image_stats, storage_array
 from hierseg.labels import FINE_CLASSES, NUM_FINE_CLASSES
 
 MANIFEST = "manifest.json"
-FORMAT = "hierseg-shards/1"
+FORMAT = "hierseg-shards/2"
 SPLITS = ("train", "val", "test")
 _SHARD_RE = re.compile(r"^shard-\d{6}\.tar$")
 
@@ -51,7 +59,7 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 
 
 def encode_sample(key: str, image: np.ndarray, label: np.ndarray, meta: dict[str, Any]) -> list[tuple[str, bytes]]:
-    """Tar members of one sample: image ``[C,H,W]`` (uint8 or float32), label int16 ``[H,W]``, meta JSON."""
+    """Tar members of one sample: raw image ``[C,H,W]`` (uint8/uint16/int16/float32), int16 label, meta JSON."""
     meta_bytes = json.dumps(meta, sort_keys=True).encode()
     return [
         (f"{key}.image.npy", _npy_bytes(image)),
@@ -156,20 +164,47 @@ def _version() -> str:
     return __version__
 
 
-def prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to mix new shards with old ones unless ``--overwrite``; then remove only our own files."""
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise ValueError(f"output folder {out} is not empty; choose a new folder or pass --overwrite")
-        for s in SPLITS:
-            for p in _our_files(out / s):
-                p.unlink()
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to mix new shards with old ones unless ``--overwrite``, and a folder we cannot write."""
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"output folder {out} is not empty; choose a new folder or pass --overwrite")
+    for s in SPLITS:
+        foreign = [p.name for p in _split_files(out / s) if not _is_ours(p)]
+        if foreign:
+            raise ValueError(f"{out / s} holds files hierseg did not write ({', '.join(foreign[:3])}); move them away")
+    parent = out if out.is_dir() else out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write to {parent}: permission denied; choose another --out")
 
 
-def _our_files(d: Path) -> list[Path]:
-    if not d.is_dir():
-        return []
-    return [p for p in d.iterdir() if _SHARD_RE.match(p.name) or p.name == MANIFEST or p.name.endswith(".tmp")]
+def _split_files(d: Path) -> list[Path]:
+    return sorted(d.iterdir()) if d.is_dir() else []
+
+
+def _is_ours(p: Path) -> bool:
+    return bool(_SHARD_RE.match(p.name)) or p.name == MANIFEST or p.name.endswith(".tmp")
+
+
+def swap_into_place(built: Path, out: Path) -> None:
+    """Move the freshly built splits into ``out``; earlier splits of ours are removed only now.
+
+    Why build aside: a rebuild that fails half-way (an unmapped value in the tenth file) must leave
+    the previous shards usable, so nothing in ``out`` is touched until the new build is complete.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    for s in SPLITS:
+        old = out / s
+        if old.is_dir():
+            for p in _split_files(old):
+                if _is_ours(p):
+                    p.unlink()
+            if not any(old.iterdir()):
+                old.rmdir()
+        if (built / s).is_dir():
+            os.replace(built / s, old)
+    built.rmdir()
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -225,15 +260,6 @@ def load_pair(src: Source, label_map: LabelMap, axis: int) -> tuple[np.ndarray, 
     return np.moveaxis(image, axis, 0), np.moveaxis(mapped, axis, 0), unmapped
 
 
-def to_storage_dtype(image: np.ndarray) -> np.ndarray:
-    """uint8 stays uint8 (4x smaller shards); other integer types scale to float32 [0, 1]; floats stay."""
-    if image.dtype == np.uint8:
-        return image
-    if image.dtype.kind in "ui":
-        return (image.astype(np.float32) / np.iinfo(image.dtype).max).astype(np.float32)
-    return image.astype(np.float32)
-
-
 # ---------------------------------------------------------------------------------------------- splits
 def split_groups(groups: list[str], val_frac: float, test_frac: float, seed: int) -> dict[str, str]:
     """Assign whole groups (e.g. mice) to splits, shuffled by ``seed``: no group on two sides."""
@@ -286,27 +312,46 @@ def check_slab_gaps(slabs: dict[str, tuple[int, int]], gap: int) -> None:
             raise ValueError(f"--slabs: {s0} ends at {b0} and {s1} starts at {a1}: need a gap of >= {gap} slices")
 
 
-# --------------------------------------------------------------------------------------------- patches
-def patch_starts(n: int, size: int, stride: int) -> list[int]:
-    """Patch origins along one axis; the last patch is aligned to the end so every pixel is covered."""
-    starts = list(range(0, n - size + 1, stride))
-    if starts[-1] != n - size:
-        starts.append(n - size)
-    return starts
+# ----------------------------------------------------------------------------------------------- tiles
+def tile_bounds(n: int, tile: int) -> list[tuple[int, int]]:
+    """Non-overlapping near-equal ``[start, stop)`` ranges of at most ``tile`` covering ``0..n`` exactly once.
+
+    Why not a fixed grid of training patches: training draws a fresh random crop from every stored
+    slice, so the shards only need slices small enough to decode quickly, and validation scores
+    each pixel exactly once.
+    """
+    parts = max(1, math.ceil(n / tile))
+    edges = [n * i // parts for i in range(parts + 1)]
+    return list(itertools.pairwise(edges))
 
 
-def iter_patches(
-    image: np.ndarray, label: np.ndarray, z: int, size: int, stride: int, context: int
+def iter_tiles(
+    image: np.ndarray, label: np.ndarray, z: int, tile: int, context: int
 ) -> Iterable[tuple[np.ndarray, np.ndarray, int, int]]:
-    """``[C,size,size]`` image patches (2.5D: slices z-context..z+context, edge-clamped) with labels of slice z."""
+    """``[C,h,w]`` tiles of slice ``z`` (2.5D: slices z-context..z+context, edge-clamped) and their labels."""
     depth, h, w = image.shape
-    if h < size or w < size:
-        raise ValueError(f"slice of shape {(h, w)} is smaller than --patch-size {size}; use a smaller patch size")
     zs = np.clip(np.arange(z - context, z + context + 1), 0, depth - 1)
     stack = image[zs]
-    for y in patch_starts(h, size, stride):
-        for x in patch_starts(w, size, stride):
-            yield stack[:, y : y + size, x : x + size], label[z, y : y + size, x : x + size], y, x
+    for y0, y1 in tile_bounds(h, tile):
+        for x0, x1 in tile_bounds(w, tile):
+            yield stack[:, y0:y1, x0:x1], label[z, y0:y1, x0:x1], y0, x0
+
+
+def add_slice(sink: ShardSink, name: str, index: int, stack: np.ndarray, label: np.ndarray, z: int,
+              cfg: BuildConfig) -> tuple[int, int]:  # fmt: skip
+    """Write the tiles of slice ``z`` with its whole-slice statistics; returns (next index, tiles dropped)."""
+    zs = np.clip(np.arange(z - cfg.context, z + cfg.context + 1), 0, stack.shape[0] - 1)
+    stats = image_stats(stack[zs])  # over the whole slice (and context), as prediction computes them
+    h, w = stack.shape[1:]
+    dropped = 0
+    for tile, lab, y, x in iter_tiles(stack, label, z, cfg.tile_size, cfg.context):
+        if (lab >= 0).mean() < cfg.min_valid or not (lab >= 0).any():
+            dropped += 1
+            continue
+        meta = {"source": name, "slice": z, "y": y, "x": x, "slice_shape": [h, w], "stats": stats}
+        sink.add(f"{name}_{index:06d}", tile, lab, meta)
+        index += 1
+    return index, dropped
 
 
 # --------------------------------------------------------------------------------------------- builder
@@ -314,13 +359,23 @@ def iter_patches(
 class BuildConfig:
     """Everything that decides the output bytes (recorded in the manifests)."""
 
-    patch_size: int = 256
-    stride: int | None = None
+    tile_size: int = 1024
     axis: int = 0
     context: int = 0
     min_valid: float = 0.01
     shard_mb: float = 64.0
     samples_per_shard: int | None = None
+
+
+@dataclass
+class _Split:
+    """One split being written: its shard sink, intensity record and bookkeeping."""
+
+    sink: ShardSink
+    intensity: IntensitySummary = field(default_factory=IntensitySummary)
+    dropped: int = 0
+    used: list[dict[str, Any]] = field(default_factory=list)
+    max_shape: list[int] = field(default_factory=lambda: [0, 0])
 
 
 def build_shards(
@@ -331,45 +386,41 @@ def build_shards(
     cfg: BuildConfig,
     provenance: dict[str, Any],
 ) -> dict[str, dict[str, Any]]:
-    """Cut every (source, slice) into patches, route it to its split, write shards and manifests.
+    """Store every (source, slice) whole (or as tiles of at most ``tile_size``) in its split's shards.
 
     ``assign(source, z) -> split name | None`` decides the split of each slice (None: in a gap).
     Returns the manifests by split.
     """
     from tqdm import tqdm
 
-    stride = cfg.stride or cfg.patch_size
-    sinks: dict[str, ShardSink] = {}
-    dropped: dict[str, int] = {}
-    used: dict[str, list[dict[str, Any]]] = {}
+    splits: dict[str, _Split] = {}
     unmapped_total: dict[int, int] = {}
     for src in tqdm(sources, desc="make-shards", unit="volume", file=sys.stderr):
         image, label, unmapped = load_pair(src, label_map, cfg.axis)
         for v, n in unmapped.items():
             unmapped_total[v] = unmapped_total.get(v, 0) + n
-        image = to_storage_dtype(image)
+        image = storage_array(image)
         index = 0
         for z in range(image.shape[0]):
             split = assign(src, z)
             if split is None:
                 continue
-            if split not in sinks:
-                sinks[split] = ShardSink(
+            if split not in splits:
+                sink = ShardSink(
                     out / split, int(cfg.shard_mb * (1 << 20)), cfg.samples_per_shard, num_sets=len(label_map.sets)
                 )
-                dropped[split], used[split] = 0, []
-            if not used[split] or used[split][-1]["name"] != src.name:
-                used[split].append(_source_record(src, image.shape))
-            for patch, lab, y, x in iter_patches(image, label, z, cfg.patch_size, stride, cfg.context):
-                if (lab >= 0).mean() < cfg.min_valid:
-                    dropped[split] += 1
-                    continue
-                meta = {"source": src.name, "slice": z, "y": y, "x": x}
-                sinks[split].add(f"{src.name}_{index:06d}", patch, lab, meta)
-                index += 1
+                splits[split] = _Split(sink)
+            rec = splits[split]
+            if not rec.used or rec.used[-1]["name"] != src.name:
+                rec.used.append(_source_record(src, image.shape))
+            rec.intensity.add(image[z])
+            index, dropped = add_slice(rec.sink, src.name, index, image, label, z, cfg)
+            rec.dropped += dropped
+            tile_shape = [max(b - a for a, b in tile_bounds(n, cfg.tile_size)) for n in image.shape[1:]]
+            rec.max_shape = [max(a, b) for a, b in zip(rec.max_shape, tile_shape)]
     if unmapped_total:
         print(f"warning: unmapped label values turned uncertain (pixels): {unmapped_total}", file=sys.stderr)
-    return _finish(sinks, dropped, used, label_map, cfg, provenance, unmapped_total)
+    return _finish(splits, label_map, cfg, provenance, unmapped_total)
 
 
 def _source_record(src: Source, shape: tuple[int, ...]) -> dict[str, Any]:
@@ -384,31 +435,39 @@ def _source_record(src: Source, shape: tuple[int, ...]) -> dict[str, Any]:
     }
 
 
-def _finish(sinks, dropped, used, label_map, cfg, provenance, unmapped) -> dict[str, dict[str, Any]]:
-    if not sinks or not any(s.num_samples for s in sinks.values()):
-        raise ValueError("no patches were written: the inputs are empty or every patch was dropped by --min-valid")
+def _finish(splits: dict[str, _Split], label_map, cfg, provenance, unmapped) -> dict[str, dict[str, Any]]:
+    if not splits or not any(s.sink.num_samples for s in splits.values()):
+        raise ValueError("no tiles were written: the inputs are empty or every tile was dropped by --min-valid")
     manifests = {}
-    for split, sink in sinks.items():
-        sink.close()
-        if not sink.num_samples:
-            raise ValueError(f"split {split!r} got no patches (all dropped by --min-valid {cfg.min_valid}?)")
-        manifests[split] = sink.manifest(
-            [cfg.patch_size, cfg.patch_size],
+    for split, rec in splits.items():
+        rec.sink.close()
+        if not rec.sink.num_samples:
+            raise ValueError(f"split {split!r} got no tiles (all dropped by --min-valid {cfg.min_valid}?)")
+        manifests[split] = rec.sink.manifest(
+            rec.max_shape,
             2 * cfg.context + 1,
             split=split,
-            num_dropped_patches=dropped[split],
+            num_dropped_tiles=rec.dropped,
             label_map=label_map.to_manifest(),
             label_sets=label_map.sets.to_config(),
             unmapped_pixels={str(k): v for k, v in sorted(unmapped.items())},
-            build={**cfg.__dict__, "stride": cfg.stride or cfg.patch_size},
-            sources=used[split],
+            intensity=rec.intensity.record(),
+            build=dict(cfg.__dict__),
+            sources=rec.used,
             **provenance,
         )
-        write_json_atomic(sink.out_dir / MANIFEST, manifests[split])
+        write_json_atomic(rec.sink.out_dir / MANIFEST, manifests[split])
     return manifests
 
 
 # ------------------------------------------------------------------------------------------------- CLI
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hierseg make-shards",
@@ -420,11 +479,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stack", action="store_true", help="inputs are one 3D stack each (TIFF, slice folder, h5, zarr)")
     p.add_argument("--label-map", help="YAML label map (default: identity 0..11, 255 -> uncertain)")
     p.add_argument("--unmapped", choices=["error", "uncertain"], help="policy for label values the map lacks")
-    p.add_argument("--patch-size", type=int, default=256)
-    p.add_argument("--stride", type=int, help="patch stride (default: patch size)")
+    p.add_argument("--tile-size", type=_positive, default=1024,
+                   help="slices over this size are stored as a grid of non-overlapping tiles")  # fmt: skip
+    p.add_argument("--patch-size", type=int, help=argparse.SUPPRESS)  # removed: named in a clear error
+    p.add_argument("--stride", type=int, help=argparse.SUPPRESS)
     p.add_argument("--axis", type=int, default=0, choices=[0, 1, 2], help="stack axis to slice along")
     p.add_argument("--context", type=int, default=0, help="2.5D: +-N neighbouring slices as extra channels")
-    p.add_argument("--min-valid", type=float, default=0.01, help="drop patches with a lower valid-pixel fraction")
+    p.add_argument("--min-valid", type=float, default=0.01, help="drop tiles with a lower valid-pixel fraction")
     p.add_argument("--group-regex", help="regex over file names giving the split group, e.g. 'sub-[^_]+'")
     p.add_argument("--slabs", help="stack split as z ranges, e.g. train=0:12,val=14:20")
     p.add_argument("--val-frac", type=float, default=0.2)
@@ -432,9 +493,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gap", type=int, help="slices left out between stack slabs (default: max(1, context))")
     p.add_argument("--seed", type=int, default=0, help="seed of the group split")
     p.add_argument("--shard-mb", type=float, default=64.0, help="target shard size in MiB")
-    p.add_argument("--samples-per-shard", type=int, help="cap on samples per shard")
+    p.add_argument("--samples-per-shard", type=_positive, help="cap on samples per shard")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     return p
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.patch_size is not None or args.stride is not None:
+        raise ValueError(
+            "--patch-size/--stride are gone: shards now store whole slices and training draws a random crop "
+            "of data.patch_size from them; drop these flags (use --tile-size only for slices over 1024 px)"
+        )
+    if args.tile_size < 16:
+        raise ValueError(f"--tile-size {args.tile_size} is too small; use at least the training patch size")
+    if not 0.0 <= args.min_valid <= 1.0:
+        raise ValueError(f"--min-valid {args.min_valid} must be a fraction in [0, 1]")
+    if args.context < 0 or (args.gap is not None and args.gap < 0):
+        raise ValueError("--context and --gap must be >= 0")
 
 
 def _plan(args: argparse.Namespace) -> tuple[list[Source], Any, dict[str, Any]]:
@@ -478,25 +553,31 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
     try:
+        _check_args(args)
         label_map = LabelMap.from_yaml(args.label_map) if args.label_map else LabelMap.default()
         if args.unmapped:
             label_map.unmapped = args.unmapped
         sources, assign, split_record = _plan(args)
-        prepare_out_dir(args.out, args.overwrite)
+        check_out_dir(args.out, args.overwrite)
         cfg = BuildConfig(
-            args.patch_size, args.stride, args.axis, args.context, args.min_valid, args.shard_mb, args.samples_per_shard
+            args.tile_size, args.axis, args.context, args.min_valid, args.shard_mb, args.samples_per_shard
         )
         # --overwrite does not change the output, so a forced rerun stays byte-identical
         command = "hierseg make-shards " + shlex.join(a for a in argv if a != "--overwrite")
         provenance = {"split_config": split_record, "command": command}
-        manifests = build_shards(sources, assign, args.out, label_map, cfg, provenance)
+        built = args.out.parent / f".{args.out.name}.build-{os.getpid()}"
+        try:
+            manifests = build_shards(sources, assign, built, label_map, cfg, provenance)
+            swap_into_place(built, args.out)
+        finally:
+            shutil.rmtree(built, ignore_errors=True)  # our own temporary folder only
     except ValueError as e:
         print(f"hierseg make-shards: error: {e}", file=sys.stderr)
         return 2
     for split, m in manifests.items():
         print(
-            f"{split}: {m['num_samples']} patches in {len(m['shards'])} shard(s), "
-            f"{m['num_dropped_patches']} dropped (valid fraction < {args.min_valid}) -> {args.out / split}"
+            f"{split}: {m['num_samples']} slices/tiles in {len(m['shards'])} shard(s), "
+            f"{m['num_dropped_tiles']} dropped (valid fraction < {args.min_valid}) -> {args.out / split}"
         )
     return 0
 

@@ -208,23 +208,26 @@ def synth_stack(seed: int, depth: int, size: int = 256) -> tuple[np.ndarray, np.
 
 
 # ------------------------------------------------------------------------------------------- shards
-def write_synthetic_split(out_dir: Path, num_images: int, image_size: int, patch_size: int, seed: int) -> dict:
-    """Generate images in memory and write shards + manifest for one split (see :mod:`hierseg.data.shards`)."""
+def write_synthetic_split(out_dir: Path, num_images: int, image_size: int, seed: int) -> dict:
+    """Generate images in memory and write whole-image shards + manifest for one split (as make-shards does)."""
     from hierseg.data.labelmap import LabelMap
-    from hierseg.data.shards import ShardSink, iter_patches, write_json_atomic
+    from hierseg.data.normalize import IntensitySummary
+    from hierseg.data.shards import BuildConfig, ShardSink, add_slice, write_json_atomic
 
-    sink = ShardSink(out_dir, max_samples=max(1, num_images))
+    sink = ShardSink(out_dir, max_samples=max(1, num_images // 4))
+    intensity = IntensitySummary()
+    cfg = BuildConfig(tile_size=max(image_size, 16), min_valid=0.0)
     for i in range(num_images):
         image, label = synth_pair(seed * 100_003 + i, image_size)
-        for k, (patch, lab, y, x) in enumerate(iter_patches(image[None], label[None], 0, patch_size, patch_size, 0)):
-            if (lab >= 0).any():
-                sink.add(f"synth{i:05d}_{k:04d}", patch, lab, {"source": f"synth{i:05d}", "slice": 0, "y": y, "x": x})
+        intensity.add(image)
+        add_slice(sink, f"synth{i:05d}", 0, image[None], label[None], 0, cfg)
     sink.close()
     manifest = sink.manifest(
-        [patch_size, patch_size],
+        [image_size, image_size],
         1,
         label_map=LabelMap.default().to_manifest(),
         label_sets=[],
+        intensity=intensity.record(),
         sources=[{"name": "synthetic", "seed": seed, "num_images": num_images, "image_size": image_size}],
         command=f"hierseg synthetic (seed={seed})",
     )
@@ -254,7 +257,7 @@ def ensure_synthetic(data_spec) -> None:
             )
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        write_synthetic_split(tmp, num, syn.image_size, syn.patch_size, seed)
+        write_synthetic_split(tmp, num, syn.image_size, seed)
         try:
             if dest.exists():
                 dest.rmdir()

@@ -17,9 +17,12 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from hierseg.data import normalize
 from hierseg.data.labelmap import resolve_label_sets
 from hierseg.data.loader import build_train_loader, build_val_loader, read_manifest
-from hierseg.labels import Hierarchy, LabelSets
+from hierseg.evaluate import run_eval, summarize
+from hierseg.infer import PredictOptions
+from hierseg.labels import NUM_FINE_CLASSES, Hierarchy, LabelSets, LabelSpace
 from hierseg.losses import LossTerms, hierarchical_loss
 from hierseg.model import UNet, build_model, num_parameters
 from hierseg.spec import JobSpec
@@ -27,7 +30,6 @@ from hierseg.tracking import MlflowTracker, NullTracker
 from hierseg.train.checkpoint import rng_state, set_rng_state
 from hierseg.train.checkpointer import Checkpointer, build_checkpointer
 from hierseg.train.context import DistContext, all_gather_objects, all_reduce_
-from hierseg.train.evaluate import run_eval, summarize
 from hierseg.train.optim import build_optimizer, build_scheduler
 from hierseg.train.progress import NullProgress, build_progress
 
@@ -56,6 +58,12 @@ class Job:
     """Partial-label table of the shards (set ids 12, 13, ...); empty when the labels use none."""
     set_table: torch.Tensor | None = None
     """``label_sets`` as the loss's bool ``[S, 12]`` table on the device; ``None`` without sets."""
+    normalization: dict[str, Any] = field(default_factory=lambda: {"mode": "zscore"})
+    """The resolved input normalisation (recorded in every checkpoint and the logged model)."""
+    label_map: dict[str, Any] | None = None
+    """The training manifest's label map (what prediction decodes into)."""
+    label_space: LabelSpace | None = None
+    """The validation labels' space (``val/label/...``); ``None``: every fine class."""
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -63,10 +71,23 @@ class Job:
         return torch.bfloat16 if use_bf16 else None
 
 
-def build_job(spec: JobSpec, ctx: DistContext, run_id: str | None) -> Job:
+def per_rank_batch(spec: JobSpec, ctx: DistContext) -> int:
+    """The one validated layout: every rank takes ``data.batch_size / world`` samples per step."""
+    batch, world = spec.data.batch_size, ctx.world_size
+    if batch % world:
+        raise ValueError(
+            f"data.batch_size {batch} does not divide over {world} training processes: every rank must take the same "
+            f"number of samples; use a multiple of {world} (torchrun started {world}; run.num_workers says "
+            f"{spec.run.num_workers})"
+        )
+    return batch // world
+
+
+def _build_model(spec: JobSpec, ctx: DistContext, hierarchy: Hierarchy) -> tuple[UNet, torch.nn.Module]:
     torch.manual_seed(spec.run.seed)  # same initial weights on every rank
-    hierarchy = spec.hierarchy.build()
     model = build_model(spec.model, hierarchy).to(ctx.device)
+    if ctx.distributed and ctx.device.type == "cuda" and spec.model.norm == "batch":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # statistics over the global batch
     if ctx.device.type == "cuda" and spec.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_model: torch.nn.Module = model
@@ -75,18 +96,24 @@ def build_job(spec: JobSpec, ctx: DistContext, run_id: str | None) -> Job:
         train_model = DistributedDataParallel(model, device_ids=device_ids)
     if spec.model.compile:
         train_model = torch.compile(train_model)
+    return model, train_model
+
+
+def build_job(spec: JobSpec, ctx: DistContext, run_id: str | None) -> Job:
+    batch = per_rank_batch(spec, ctx)
+    hierarchy = spec.hierarchy.build()
+    model, train_model = _build_model(spec, ctx, hierarchy)
     optimizer = build_optimizer(spec.optim, model)
+    train_manifest, val_manifest = read_manifest(spec.data.train) or {}, read_manifest(spec.data.val)
+    sets_raw = None if spec.data.label_sets is None else [s.model_dump() for s in spec.data.label_sets]
+    label_sets = resolve_label_sets(sets_raw, train_manifest or None, val_manifest)
+    norm = normalize.resolve(spec.data.normalization, train_manifest.get("intensity"))
     torch.manual_seed(spec.run.seed + 1000 + ctx.rank)  # per-rank stream for dropout and friends
     stream = build_train_loader(
-        spec.data,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        batch_size=spec.data.batch_size // ctx.world_size,
-        seed=spec.run.seed,
-    )
-    tracker = MlflowTracker(spec.tracking.uri, run_id) if ctx.is_main and run_id else NullTracker()
-    sets_raw = None if spec.data.label_sets is None else [s.model_dump() for s in spec.data.label_sets]
-    label_sets = resolve_label_sets(sets_raw, read_manifest(spec.data.train), read_manifest(spec.data.val))
+        spec.data, rank=ctx.rank, world_size=ctx.world_size, batch_size=batch, seed=spec.run.seed,
+        normalization=norm, num_labels=NUM_FINE_CLASSES + len(label_sets),
+    )  # fmt: skip
+    val_map = (val_manifest or {}).get("label_map")
     return Job(
         spec=spec,
         ctx=ctx,
@@ -97,11 +124,14 @@ def build_job(spec: JobSpec, ctx: DistContext, run_id: str | None) -> Job:
         optimizer=optimizer,
         scheduler=build_scheduler(spec.optim, optimizer, spec.run.max_steps),
         stream=stream,
-        tracker=tracker,
+        tracker=MlflowTracker(spec.tracking.uri, run_id) if ctx.is_main and run_id else NullTracker(),
         checkpoints=build_checkpointer(spec, ctx),
         progress=build_progress(spec, ctx),
         label_sets=label_sets,
         set_table=label_sets.table().to(ctx.device) if len(label_sets) else None,
+        normalization=norm,
+        label_map=train_manifest.get("label_map"),
+        label_space=LabelSpace.from_label_map(val_map, label_sets) if val_map else None,
     )
 
 
@@ -131,15 +161,32 @@ def train_step(job: Job, images: torch.Tensor, labels: torch.Tensor) -> LossTerm
     return terms
 
 
+def eval_options(job: Job) -> PredictOptions:
+    """``hierseg predict``'s defaults for this model: windows of the patch size, 1/8 overlap, its decoding."""
+    tile = job.spec.data.patch_size
+    decode = "labels" if len(job.label_sets) and job.label_map else "fine"
+    return PredictOptions(tile=tile, overlap=tile // 8, decode=decode, amp=job.autocast_dtype is not None)
+
+
+def sync_buffers(job: Job) -> None:
+    """Every rank takes rank 0's buffers (batch-norm statistics), so evaluation and checkpoints agree by rank."""
+    if job.ctx.distributed:
+        for buffer in job.model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
 def evaluate(job: Job) -> dict[str, float]:
     """Whole validation split once across ranks; counts all-reduced once; figures on the owner."""
     ctx = job.ctx
+    sync_buffers(job)
     batches = build_val_loader(
-        job.spec.data, rank=ctx.rank, world_size=ctx.world_size, batch_size=job.spec.data.batch_size // ctx.world_size
-    )
-    metrics, sample = run_eval(job.model, batches, job.luts, ctx.device, job.autocast_dtype, label_sets=job.label_sets)
+        job.spec.data, rank=ctx.rank, world_size=ctx.world_size, normalization=job.normalization,
+        num_labels=NUM_FINE_CLASSES + len(job.label_sets),
+    )  # fmt: skip
+    space = job.label_space
+    metrics, sample = run_eval(job.model, batches, job.hierarchy, ctx.device, eval_options(job), job.label_sets, space)
     metrics.all_reduce()
-    summary = summarize(metrics, job.hierarchy)
+    summary = summarize(metrics, job.hierarchy, space)
     job.tracker.log_metrics(summary, job.step)
     job.tracker.log_eval_figures(metrics, sample, job.hierarchy, job.step)
     job.tracker.flush()
@@ -173,15 +220,19 @@ def checkpoint_state(job: Job) -> dict[str, Any]:
         "last_eval": job.last_eval,
         "spec": job.spec.model_dump(mode="json"),
         "run_id": job.tracker.run_id,
-        "patch_size": job.checkpoints.manifest(job.spec).get("patch_shape"),
+        "patch_size": job.spec.data.patch_size,
+        "normalization": job.normalization,
+        "label_map": job.label_map,
     }
 
 
 def save_checkpoint(job: Job) -> None:
+    sync_buffers(job)
     state = checkpoint_state(job)
     metric = job.spec.run.best_metric
     score = job.last_eval.get(metric, -math.inf if job.spec.run.best_mode == "max" else math.inf)
     job.checkpoints.save(state, {"step": job.step, metric: score})
+    job.tracker.flush()  # metrics since the last evaluation reach MLflow before a crash can lose them
 
 
 def resume(job: Job) -> None:
@@ -213,14 +264,21 @@ def _agree_to_stop(job: Job) -> bool:
 
 
 def _install_stop_handlers(job: Job) -> None:
-    """SIGUSR1/SIGTERM (Slurm preemption, torchrun shutdown): checkpoint at the next boundary, exit."""
+    """SIGUSR1/SIGTERM/SIGINT (preemption, shutdown, Ctrl-C): checkpoint at the next boundary, exit.
+
+    A second Ctrl-C exits at once, for a user who does not want to wait for the boundary.
+    """
     if threading.current_thread() is not threading.main_thread():
         return  # Ray runs the loop in a worker thread; Ray handles its own shutdown
 
     def handler(signum: int, _frame: Any) -> None:
+        if signum == signal.SIGINT and job.stop_requested:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            job.progress.note("Ctrl-C: checkpointing at the next boundary (press again to exit at once)")
         job.stop_requested = True
 
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
+    for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, handler)
 
 
