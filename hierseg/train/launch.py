@@ -189,7 +189,27 @@ def _owner_prepares(spec: JobSpec, is_main: bool, distributed: bool, launcher: s
 
 
 def _ray_worker(config: dict[str, Any]) -> dict[str, Any]:
+    _quiet_ray_reports()
     return train_worker(config)
+
+
+def _quiet_ray_reports() -> None:
+    """Give Ray Train's per-report logger the level of ``RunConfig.logging_config`` (set in :func:`_run_config`).
+
+    Why: Ray 2.60 logs "Reporting training result ..." for every report of every rank through a logger
+    named by its file path (``logging.getLogger(__file__)``), outside ``ray.train``, so LoggingConfig's
+    level misses it and Ray's worker root logger (INFO) prints it. This sets that logger's level; text is
+    not filtered.
+    """
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(_ray_train_log_level())
+
+
+def _ray_train_log_level() -> str:
+    return os.environ.get(RAY_TRAIN_LOG_LEVEL_ENV, "WARNING").upper()
 
 
 RAY_TRAIN_LOG_LEVEL_ENV = "HIERSEG_RAY_TRAIN_LOG_LEVEL"
@@ -228,9 +248,28 @@ def init_ray(spec: JobSpec) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     check_local_gpu(spec)
+    _pin_ray_to_loopback()
     # address="local": never join "the latest cluster" recorded in Ray's temp folder (maybe dead, maybe someone
     # else's); _node_ip_address: GCS, raylet and workers listen on loopback, not the machine's address.
     ray.init(address="local", _node_ip_address="127.0.0.1", log_to_driver=True)
+
+
+RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _pin_ray_to_loopback() -> None:
+    """Make the embedded cluster bind to 127.0.0.1.
+
+    Why: Ray 2.60 turns ``_node_ip_address="127.0.0.1"`` (and ``ray start --node-ip-address=127.0.0.1``) into
+    the machine's address (``services.resolve_ip_for_localhost``) unless its multi-node "cluster" mode is
+    off, which is what this variable switches (Ray's default on Windows/macOS). Off, the GCS, raylet and
+    workers listen on loopback only. The variable reaches the processes Ray starts; the constant covers
+    this process, which may have imported Ray already.
+    """
+    os.environ[RAY_LOOPBACK_ENV] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def check_local_gpu(spec: JobSpec) -> None:
@@ -259,7 +298,7 @@ def _run_config(spec: JobSpec) -> Any:
         ),
         # Ray Train's own verbosity knob: at INFO every report of every rank prints "Reporting training result"
         # and "Checkpoint successfully created"; hierseg prints its own progress lines.
-        logging_config=LoggingConfig(log_level=os.environ.get(RAY_TRAIN_LOG_LEVEL_ENV, "WARNING")),
+        logging_config=LoggingConfig(log_level=_ray_train_log_level()),
     )
 
 
