@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hierseg.infer import PredictOptions, predict_volume, tile_starts
+from hierseg.infer import PredictOptions, Predictor, predict_volume, tile_starts
 from hierseg.labels import Hierarchy
 from hierseg.model import UNet
 
@@ -33,7 +33,8 @@ def bare_loop(model: UNet, vol: np.ndarray, opts: PredictOptions) -> float:
     boxes = [(y, x) for y in tile_starts(h, th, opts.overlap) for x in tile_starts(w, tw, opts.overlap)]
     with torch.no_grad():
         for z in range(len(vol)):
-            img = torch.from_numpy(vol[z].astype(np.float32) / 255)[None]
+            x = vol[z].astype(np.float64)
+            img = torch.from_numpy(((x - x.mean()) / x.std()).astype(np.float32))[None]  # the default z-score
             for i in range(0, len(boxes), opts.batch):
                 tiles = torch.stack([img[:, y : y + th, x : x + tw] for y, x in boxes[i : i + opts.batch]])
                 model(tiles)
@@ -57,7 +58,7 @@ def _child(args: argparse.Namespace) -> None:
         del mm
         src = open_input(str(path))
         with open_output(f"{tmp}/out.zarr", src.shape, 5) as sink:
-            for z, out in enumerate(predict_volume(model, src, options=_opts(args))):
+            for z, out in enumerate(predict_volume(Predictor(model), src, options=_opts(args))):
                 sink.write(z, out)
     print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
@@ -88,7 +89,7 @@ def main() -> None:
         model(torch.zeros(args.batch, 1, args.tile, args.tile))
     bare = bare_loop(model, vol, _opts(args))
     t0 = time.perf_counter()
-    for _ in predict_volume(model, vol, Hierarchy.default(), _opts(args)):
+    for _ in predict_volume(Predictor(model, Hierarchy.default()), vol, _opts(args)):
         pass
     ours = time.perf_counter() - t0
     print(f"stack {vol.shape} uint8, tile {args.tile} overlap {args.overlap} batch {args.batch}, "

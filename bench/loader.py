@@ -1,8 +1,9 @@
-"""Loader throughput: full pipeline (tar read + decode + augment + batch) vs reading the same tars raw.
+"""Loader throughput: full pipeline (tar read + decode + normalise + random crop + augment + batch) vs raw tar reads.
 
 Both run through a torch DataLoader with 0, 1 and 2 worker processes, side by side in one run, on
-synthetic shards built in a temporary folder. Prints patches/s, patches/s per process doing the
-work, and the ratio full/raw. ``python bench/loader.py [--patches N] [--patch-size P]``.
+synthetic whole-image shards (images of twice the patch side) built in a temporary folder. Prints
+patches/s (raw: stored samples read per second; full: random crops per second), patches/s per
+process doing the work, and the ratio full/raw. ``python bench/loader.py [--patches N] [--patch-size P]``.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "train"
-        write_synthetic_split(folder, 24, 2 * args.patch_size, args.patch_size, seed=0)
+        write_synthetic_split(folder, 24, 2 * args.patch_size, seed=0)
         shards = resolve_shards(str(folder))
         num_batches = max(1, args.patches // args.batch_size)
         aug = AugmentSpec(elastic=0.3, blur=0.3)
@@ -73,8 +74,10 @@ def main() -> None:
         for nw in (0, 1, 2):
             raw = DataLoader(RawTars(shards, args.batch_size), batch_size=None, num_workers=nw)
             raw_rate = rate(raw, num_batches, args.batch_size)
-            data = DataSpec(train=str(folder), val=str(folder), batch_size=args.batch_size, num_workers=nw, augment=aug)
-            full = build_train_loader(data, rank=0, world_size=1, batch_size=args.batch_size, seed=0)
+            data = DataSpec(train=str(folder), val=str(folder), batch_size=args.batch_size, num_workers=nw, augment=aug,
+                            patch_size=args.patch_size)  # fmt: skip
+            full = build_train_loader(data, rank=0, world_size=1, batch_size=args.batch_size, seed=0,
+                                      normalization={"mode": "zscore"}, num_labels=12)  # fmt: skip
             full_rate = rate(full, num_batches, args.batch_size)
             procs = max(1, nw)
             ratio = full_rate / raw_rate

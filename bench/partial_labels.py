@@ -29,15 +29,14 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from hierseg.data.io import read_array  # noqa: E402
 from hierseg.data.shards import main as make_shards  # noqa: E402
-from hierseg.labels import FINE_CLASSES, Hierarchy  # noqa: E402
-from hierseg.model import build_model  # noqa: E402
+from hierseg.infer import Predictor, default_options  # noqa: E402
+from hierseg.labels import FINE_CLASSES  # noqa: E402
 from hierseg.spec import validate_spec  # noqa: E402
 from hierseg.train.checkpoint import DiskCheckpoints, load_state  # noqa: E402
 from hierseg.train.checkpointer import run_dir  # noqa: E402
@@ -55,7 +54,7 @@ mapping: {191: mitochondria, 159: uncertain, 255: uncertain, 0: uncertain, 32: u
 def build(out: Path, label_map: Path) -> Path:
     """Shards of the training slab (and a small val slab the loop evaluates) with one label map."""
     argv = ["--stack", "--images", str(DATA / "raw"), "--labels", str(DATA / "labels"), "--label-map", str(label_map)]
-    argv += ["--out", str(out), "--patch-size", "128", "--slabs", f"train={TRAIN[0]}:{TRAIN[1]},val=15:16"]
+    argv += ["--out", str(out), "--slabs", f"train={TRAIN[0]}:{TRAIN[1]},val=15:16"]
     argv += ["--overwrite"]
     if make_shards(argv) != 0:
         raise SystemExit(f"make-shards failed for {label_map}")
@@ -65,7 +64,13 @@ def build(out: Path, label_map: Path) -> Path:
 def train(shards: Path, out: Path, name: str, steps: int, seed: int) -> dict:
     """Train through the real local launcher; returns the final checkpoint's state."""
     raw = {
-        "data": {"train": str(shards / "train"), "val": str(shards / "val"), "batch_size": 4, "num_workers": 0},
+        "data": {
+            "train": str(shards / "train"),
+            "val": str(shards / "val"),
+            "batch_size": 4,
+            "num_workers": 0,
+            "patch_size": 128,
+        },
         "model": {"base_channels": 8, "depth": 3},
         "optim": {"lr": 0.003, "warmup_steps": 20},
         "run": {"name": name, "num_workers": 1, "max_steps": steps, "log_every": 25, "seed": seed},
@@ -87,16 +92,13 @@ def train(shards: Path, out: Path, name: str, steps: int, seed: int) -> dict:
 @torch.no_grad()
 def mito_iou(state: dict) -> dict[str, float]:
     """Mitochondria IoU (and precision/recall) over every pixel of the held-out sections."""
-    spec = validate_spec(state["spec"])
-    model = build_model(spec.model, Hierarchy.default())
-    model.load_state_dict(state["model"])
-    model.eval()
+    predictor = Predictor.from_state(state)
+    opts = default_options(predictor)  # hierseg predict's defaults: its windows and its decoding
     raw = read_array(str(DATA / "raw"))
     labels = read_array(str(DATA / "labels"))
     tp = fp = fn = 0
     for z in range(*HELD_OUT):
-        image = torch.from_numpy(raw[z].astype(np.float32) / 255.0)[None, None]
-        pred = model(image)[0].argmax(1)[0].numpy() == MITO
+        pred = predictor.predict(raw[z], opts)["fine_labels"] == MITO
         truth = labels[z] == MITO_VALUE
         tp += int((pred & truth).sum())
         fp += int((pred & ~truth).sum())

@@ -35,7 +35,8 @@ def bench_spec(out: Path, steps: int, batch: int) -> dict:
             "val": str(out / "shards" / "val"),
             "batch_size": batch,
             "num_workers": 1,
-            "synthetic": {"num_train": 32, "num_val": 4, "image_size": 256, "patch_size": 128, "seed": 0},
+            "patch_size": 128,
+            "synthetic": {"num_train": 32, "num_val": 4, "image_size": 256, "seed": 0},
         },
         "model": {"base_channels": 16, "depth": 3},
         "run": {

@@ -34,7 +34,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -207,23 +207,19 @@ class Predictor:
     """A loaded model with everything its predictions depend on: hierarchy, normalisation, label space."""
 
     model: torch.nn.Module
-    spec: Any
-    normalization: dict[str, Any]
-    label_sets: LabelSets
-    label_space: LabelSpace | None
+    hierarchy: Hierarchy = field(default_factory=Hierarchy.default)
+    normalization: dict[str, Any] = field(default_factory=lambda: {"mode": "zscore"})
+    label_sets: LabelSets = field(default_factory=LabelSets)
+    label_space: LabelSpace | None = None
     """The training label map's values (``None`` for a model that does not record its label map)."""
-
-    @property
-    def hierarchy(self) -> Hierarchy:
-        return self.spec.hierarchy.build()
+    patch_size: int = 256
+    """The training patch size: the default prediction window."""
+    spec: Any = None
+    """The resolved training spec (``None`` for a bare model)."""
 
     @property
     def default_decode(self) -> str:
         return "labels" if len(self.label_sets) and self.label_space is not None else "fine"
-
-    @property
-    def patch_size(self) -> int:
-        return int(self.spec.data.patch_size)
 
     def predict(self, image: np.ndarray, options: PredictOptions) -> dict[str, np.ndarray]:
         return predict_image(
@@ -239,7 +235,8 @@ class Predictor:
         record = state.get("label_map")
         sets = LabelSets.from_config((record or {}).get("sets") or [], where="checkpoint label_map sets")
         space = LabelSpace.from_label_map(record, sets) if record else None
-        return cls(model, spec, state_normalization(state, spec), sets, space)
+        norm = state_normalization(state, spec)
+        return cls(model, spec.hierarchy.build(), norm, sets, space, int(spec.data.patch_size), spec)
 
 
 def state_normalization(state: dict[str, Any], spec: Any) -> dict[str, Any]:

@@ -11,27 +11,28 @@ import mlflow
 import mlflow.pyfunc
 import numpy as np
 
-from hierseg.pyfunc import CHECKPOINT_ARTIFACT, model_from_checkpoint
+from hierseg.pyfunc import CHECKPOINT_ARTIFACT
 
 
 class HiersegPyfunc(mlflow.pyfunc.PythonModel):
-    """Input: float32 images ``[N, H, W]`` or ``[N, C, H, W]`` in [0, 1]. Output: fine labels ``[N, H, W]`` int16."""
+    """Input: raw images ``[N, H, W]`` or ``[N, C, H, W]`` (pixel values as in the stack, any range; normalised
+    as the model was trained). Output: fine labels ``[N, H, W]`` int16, decoded as ``hierseg predict`` does."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        self.model, self.spec = model_from_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
-        self.hierarchy = self.spec.hierarchy.build()
+        from hierseg.infer import default_options, load_predictor
+
+        self.predictor = load_predictor(context.artifacts[CHECKPOINT_ARTIFACT])
+        self.options = default_options(self.predictor)
 
     # np.ndarray hints: MLflow validates the input type and keeps the explicit tensor signature we log
     # (it infers no signature from an ndarray hint), instead of warning that the method has no hints.
     def predict(
         self, context: mlflow.pyfunc.PythonModelContext, model_input: np.ndarray, params: dict | None = None
     ) -> np.ndarray:
-        from hierseg.infer import predict_image
-
         x = np.asarray(model_input, dtype=np.float32)
         if x.ndim == 2:
             x = x[None]
-        labels = [predict_image(self.model, img, hierarchy=self.hierarchy)["fine_labels"] for img in x]
+        labels = [self.predictor.predict(img, self.options)["fine_labels"] for img in x]
         return np.stack(labels).astype(np.int16)
 
 

@@ -42,7 +42,7 @@ def model_card(spec: JobSpec, state: dict[str, Any]) -> dict[str, Any]:
         "fine_classes": list(FINE_CLASSES),
         "hierarchy": spec.hierarchy.build().to_config(),
         "label_map": state.get("label_map"),
-        "input": {"channels": spec.model.in_channels, "normalisation": "uint8 / 255 -> [0, 1]"},
+        "input": {"channels": spec.model.in_channels, "normalization": state.get("normalization")},
         "patch_size": state.get("patch_size"),
         "step": int(state["step"]),
         "metrics": state.get("best_metrics", {}),

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from hierseg.data.normalize import resolve as resolve_normalization
 from hierseg.spec import JobSpec
 from hierseg.train.checkpoint import (
     STATE_FILE,
@@ -125,8 +126,9 @@ class _BestOnOwner:
                 "spec": spec.model_dump(mode="json"),
                 "step": step,
                 "best_metrics": metrics,
-                "patch_size": manifest.get("patch_shape"),
+                "patch_size": spec.data.patch_size,
                 "label_map": manifest.get("label_map"),  # inference reports in the training labels' terms
+                "normalization": resolve_normalization(spec.data.normalization, manifest.get("intensity")),
                 "fingerprint": self.fingerprint(),
             }
             atomic_torch_save(state, self.best_dir() / STATE_FILE)
