@@ -46,11 +46,11 @@ class AugmentSpec(_Strict):
     elastic: float = Field(0.0, ge=0.0, le=1.0)
     """Probability of a small elastic/affine warp (nearest-neighbour for labels); 0 disables."""
     contrast: float = Field(0.1, ge=0.0, lt=1.0)
-    """Max relative contrast/brightness jitter."""
+    """Max relative contrast jitter; brightness shifts by up to this many patch standard deviations."""
     gamma: float = Field(0.1, ge=0.0, lt=1.0)
-    """Max relative gamma jitter."""
-    noise: float = Field(0.02, ge=0.0)
-    """Std of additive Gaussian noise (image in [0, 1])."""
+    """Max relative gamma jitter (on the patch rescaled to its own [min, max])."""
+    noise: float = Field(0.1, ge=0.0)
+    """Std of additive Gaussian noise in units of the patch's standard deviation."""
     blur: float = Field(0.0, ge=0.0, le=1.0)
     """Probability of a light Gaussian blur."""
 
@@ -421,3 +421,73 @@ def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> JobSpec:
     if isinstance(raw, dict):
         raw = apply_overrides(raw, overrides)
     return validate_spec(raw, str(p))
+
+
+# ------------------------------------------------------------------------------------------ reference
+def _type_name(annotation: Any) -> str:
+    """A readable type for the docs table (``int > 0 or null``, ``one of ['fp32', 'bf16']``)."""
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        bounds = [m for m in args[1:] if hasattr(m, "metadata")] or list(args[1:])
+        text = _type_name(args[0])
+        for meta in (x for b in bounds for x in getattr(b, "metadata", [b])):
+            for attr, sym in (("gt", ">"), ("ge", ">=")):
+                if getattr(meta, attr, None) is not None:
+                    text += f" {sym} {getattr(meta, attr)}"
+        return text
+    if origin is Literal:
+        return f"one of {list(args)}"
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin in (list, tuple, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args if a is not Ellipsis)}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _default_text(info: Any) -> str:
+    from pydantic_core import PydanticUndefined
+
+    if info.is_required():
+        return "**required**"
+    value = info.default_factory() if info.default_factory is not None else info.default
+    if value is PydanticUndefined:
+        return "see below"
+    if isinstance(value, list) and value and isinstance(value[0], BaseModel):
+        return "see meaning"  # e.g. the plan's five groups: too long for a table cell
+    return f"`{value!r}`"
+
+
+def _rows(model: type[BaseModel], prefix: str) -> list[str]:
+    rows = []
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        candidates = (ann, *getattr(ann, "__args__", ()))
+        nested = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nested is not None and typing_origin_is_model(ann):
+            rows += _rows(nested, f"{prefix}{name}.")
+            continue
+        doc = " ".join((info.description or "").split()).replace("|", "\\|")
+        rows.append(f"| `{prefix}{name}` | {_type_name(ann)} | {_default_text(info)} | {doc} |")
+    return rows
+
+
+def typing_origin_is_model(annotation: Any) -> bool:
+    """A field that is a section (a nested model, optional or not) rather than a list of models."""
+    import typing
+
+    return typing.get_origin(annotation) not in (list, tuple, dict)
+
+
+def spec_table() -> str:
+    """The README's spec reference table, generated from the field declarations (so the two never drift)."""
+    rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    for section, info in JobSpec.model_fields.items():
+        model = info.annotation
+        rows += _rows(model, f"{section}.")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(spec_table())

@@ -82,3 +82,16 @@ def test_flat_params_cover_the_resolved_spec(tmp_path):
     """flat() gives dotted keys for MLflow params, including defaults."""
     flat = load_spec(_write(tmp_path, MINIMAL)).flat()
     assert flat["loss.lambda_coarse"] == 0.2 and flat["run.max_steps"] == 10 and "hierarchy.levels" in flat
+
+
+def test_readme_spec_table_is_generated_from_the_spec() -> None:
+    """The README's spec reference equals spec_table() (python -m hierseg.spec regenerates it)."""
+    from pathlib import Path
+
+    from hierseg.spec import spec_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("<!-- spec-table")
+    block = readme[readme.index("\n", start) + 1 : readme.index("<!-- /spec-table -->")].strip()
+    assert block == spec_table()
+    assert "| `model.channels_last` | bool | `False` |" in block

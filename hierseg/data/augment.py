@@ -55,19 +55,28 @@ def warp(image: torch.Tensor, label: torch.Tensor, gen: torch.Generator, strengt
 
 
 def intensity(image: torch.Tensor, spec: AugmentSpec, gen: torch.Generator) -> torch.Tensor:
-    """Contrast/brightness, gamma, Gaussian noise and (with probability ``spec.blur``) a light blur."""
+    """Contrast/brightness, gamma, Gaussian noise and (with probability ``spec.blur``) a light blur.
+
+    Every strength is relative to the patch's own intensity spread, so the same spec means the same on
+    z-scored input (std ~1) as on [0, 1] input: gamma acts on the patch rescaled to its [min, max],
+    brightness and noise are in units of the patch's standard deviation. (Clamping to [0, 1] before
+    gamma, as an earlier version did, flattened every z-scored pixel below the mean to one value.)
+    """
+    scale = float(image.std()) or 1.0
     if spec.contrast > 0:
         c = 1 + (_rand(gen) * 2 - 1) * spec.contrast
-        b = (_rand(gen) * 2 - 1) * spec.contrast * 0.5
+        b = (_rand(gen) * 2 - 1) * spec.contrast * scale
         mean = image.mean()
         image = (image - mean) * c + mean + b
     if spec.gamma > 0:
         g = math.exp((_rand(gen) * 2 - 1) * spec.gamma)
-        image = image.clamp(0, 1) ** g
+        lo, hi = image.min(), image.max()
+        span = (hi - lo).clamp_min(1e-6)
+        image = lo + span * ((image - lo) / span).clamp(0, 1) ** g
     if spec.blur > 0 and _rand(gen) < spec.blur:
         image = gaussian_blur(image, 0.5 + _rand(gen))
     if spec.noise > 0:
-        image = image + torch.randn(image.shape, generator=gen) * spec.noise
+        image = image + torch.randn(image.shape, generator=gen) * (spec.noise * scale)
     return image
 
 
