@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DEFAULT_METRIC = "val/fine/miou"
+DEFAULT_METRIC = "val/label/miou"  # the spec's default run.best_metric (test_registry checks they agree)
 MODEL_NAME = "model"
 _NOISE_PARAMS = {"run.name", "tracking.run_name", "run.storage_path"}
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -267,7 +267,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--run", action="append", default=[], help="run id or run name (repeatable)")
     ap.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="required run tag (repeatable)")
     ap.add_argument("--status", action="append", default=None, help="run status to accept (default FINISHED)")
-    ap.add_argument("--metric", default=DEFAULT_METRIC, help=f"metric to rank by (default {DEFAULT_METRIC})")
+    ap.add_argument("--metric", default=None,
+                    help=f"metric to rank by (default: the spec's run.best_metric, else {DEFAULT_METRIC})")  # fmt: skip
     ap.add_argument("--mode", choices=["max", "min"], default="max", help="max: higher is better")
     ap.add_argument("--name", help="registered model name (default: the spec's tracking.registered_model)")
     ap.add_argument("--alias", default="champion", help="alias to point at the winner (default champion)")
@@ -276,6 +277,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.status = args.status or ["FINISHED"]
     return args
+
+
+def _default_metric(args: argparse.Namespace) -> None:
+    if args.metric is None:
+        args.metric = DEFAULT_METRIC
 
 
 def _apply_spec(args: argparse.Namespace) -> None:
@@ -290,6 +296,8 @@ def _apply_spec(args: argparse.Namespace) -> None:
     args.tracking_uri = args.tracking_uri or uri
     args.experiment = args.experiment or [spec.tracking.experiment]
     args.name = args.name or spec.tracking.registered_model
+    if args.metric is None:
+        args.metric, args.mode = spec.run.best_metric, spec.run.best_mode
 
 
 def promote(args: argparse.Namespace) -> int:
@@ -342,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         _apply_spec(args)
+        _default_metric(args)
         return promote(args)
     except (RegistryError, ValueError) as e:
         print(f"hierseg promote: {e}", file=sys.stderr)

@@ -133,3 +133,11 @@ def test_error_unreachable_server(capsys) -> None:
     assert main(["--tracking-uri", f"http://127.0.0.1:{port}", "--name", MODEL]) == 2
     assert "unreachable" in capsys.readouterr().err
     assert main(["--tracking-uri", "sqlite:////nonexistent/x.db", "--name", MODEL]) == 2
+
+
+def test_promote_default_metric_is_the_spec_default() -> None:
+    """promote ranks by the same metric training chooses checkpoints by, unless told otherwise."""
+    from hierseg.registry import DEFAULT_METRIC
+    from hierseg.spec import RunSpec
+
+    assert RunSpec.model_fields["best_metric"].default == DEFAULT_METRIC
