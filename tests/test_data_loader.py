@@ -185,3 +185,16 @@ def test_augment_keeps_label_values_and_shapes() -> None:
         img, lab = augment(image, label, spec, gen)
         assert img.shape == image.shape and lab.shape == label.shape and lab.dtype == torch.int64
         assert set(lab.unique().tolist()) <= set(label.unique().tolist())
+
+
+def test_intensity_augmentation_keeps_z_scored_images_intact() -> None:
+    """Gamma/contrast/noise act relative to the patch's spread: a z-scored patch is not flattened to [0, 1]."""
+    from hierseg.data.augment import intensity
+
+    image = torch.randn(1, 64, 64, generator=torch.Generator().manual_seed(0))
+    spec = AugmentSpec(contrast=0.2, gamma=0.2, noise=0.1)
+    for seed in range(5):
+        out = intensity(image, spec, torch.Generator().manual_seed(seed))
+        assert float(out.min()) < -1.5 and float(out.max()) > 1.5  # still z-score-like, nothing clamped
+        corr = torch.corrcoef(torch.stack([image.flatten(), out.flatten()]))[0, 1]
+        assert float(corr) > 0.9  # the same image, jittered
