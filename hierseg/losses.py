@@ -66,17 +66,21 @@ class _MaskedCoarseBCESum(torch.autograd.Function):
     def forward(ctx, x_BKHW, y_safe_BHW, valid_BHW, lut_CK):  # type: ignore[override]
         num_groups = lut_CK.shape[1]
         w_B1HW = valid_BHW.unsqueeze(1).to(x_BKHW.dtype)
-        softplus_sum = (F.softplus(x_BKHW).sum(1, keepdim=True) * w_B1HW).sum()
+        # BCE(x, 1) = softplus(-x), BCE(x, 0) = softplus(x): every term is a small positive number, so
+        # the sum keeps its precision near convergence (softplus(x) - x*t summed over millions of
+        # pixels and subtracted at the end lost up to all of it).
         group_B1HW = _partition_index(lut_CK)
+        bce_BKHW = F.softplus(x_BKHW)
         if group_B1HW is not None:
             group_B1HW = group_B1HW.to(y_safe_BHW.device)[y_safe_BHW].unsqueeze(1)
-            xt_sum = (x_BKHW.gather(1, group_B1HW) * w_B1HW).sum()
+            bce_BKHW.scatter_(1, group_B1HW, F.softplus(-x_BKHW.gather(1, group_B1HW)))
         else:
-            target = lut_CK.to(device=x_BKHW.device, dtype=x_BKHW.dtype)[y_safe_BHW].permute(0, 3, 1, 2)
-            xt_sum = ((x_BKHW * target).sum(1, keepdim=True) * w_B1HW).sum()
+            target = lut_CK.to(device=x_BKHW.device, dtype=torch.bool)[y_safe_BHW].permute(0, 3, 1, 2)
+            bce_BKHW = torch.where(target, F.softplus(-x_BKHW), bce_BKHW)
+        total = (bce_BKHW.sum(1, keepdim=True) * w_B1HW).sum()
         ctx.save_for_backward(x_BKHW, y_safe_BHW, w_B1HW, lut_CK)
         ctx.group_index = group_B1HW
-        return (softplus_sum - xt_sum) / num_groups
+        return total / num_groups
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
@@ -91,21 +95,26 @@ class _MaskedCoarseBCESum(torch.autograd.Function):
         return grad, None, None, None
 
 
-_PARTITION_INDEX: dict[int, torch.Tensor | None] = {}  # id(lut) -> index; entries die with their LUT
+_PARTITION_INDEX: dict[int, tuple[int, torch.Tensor | None]] = {}  # id(lut) -> (version, index)
 
 
 def _partition_index(lut_CK: torch.Tensor) -> torch.Tensor | None:
     """Group index per fine class when every class is in exactly one group, else ``None``.
 
-    Cached per LUT tensor: the check reads the table on the host, which would stall a GPU every
-    step if the training loop (which reuses its LUT tensors) paid it each time.
+    Cached per LUT tensor and its version counter (``_version`` grows with every in-place edit, so an
+    edited table is checked again): the check reads the table on the host, which would stall a GPU
+    every step if the training loop, which reuses its LUT tensors, paid it each time.
     """
-    key = id(lut_CK)
-    if key not in _PARTITION_INDEX:
+    key, version = id(lut_CK), lut_CK._version
+    cached = _PARTITION_INDEX.get(key)
+    if cached is None or cached[0] != version:
+        if not bool(((lut_CK == 0) | (lut_CK == 1)).all()):
+            raise ValueError("coarse LUT rows must be 0/1 (group membership); got soft values in the table")
         is_partition = bool((lut_CK.sum(1) == 1).all())
-        _PARTITION_INDEX[key] = lut_CK.argmax(1) if is_partition else None
-        weakref.finalize(lut_CK, _PARTITION_INDEX.pop, key, None)
-    return _PARTITION_INDEX[key]
+        if cached is None:
+            weakref.finalize(lut_CK, _PARTITION_INDEX.pop, key, None)
+        _PARTITION_INDEX[key] = (version, lut_CK.argmax(1) if is_partition else None)
+    return _PARTITION_INDEX[key][1]
 
 
 def coarse_bce_sum(

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from hierseg.data.io import IMAGE_SUFFIXES, list_images, read_array, split_source
+from hierseg.data.io import IMAGE_SUFFIXES, check_not_colour, list_images, read_array, split_source
 
 
 class StackError(ValueError):
@@ -111,7 +111,7 @@ def open_input(spec: str) -> SliceStack:
         if path.suffix.lower() in (".tif", ".tiff"):
             return _open_tiff(path)
         if path.suffix.lower() == ".npy":
-            return _from_array(np.load(path, mmap_mode="r", allow_pickle=False), str(path))
+            return _from_array(check_not_colour(np.load(path, mmap_mode="r", allow_pickle=False), str(path)), str(path))
         return _from_array(read_array(path), str(path))
     except StackError:
         raise

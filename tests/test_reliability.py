@@ -501,3 +501,58 @@ def test_ray_run_is_quiet_and_a_worker_error_reaches_the_console_as_one_line(sha
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("hierseg train: cannot resume from") and "model.base_channels: 8 -> 16" in last
     assert "Traceback" not in last
+
+
+# ------------------------------------------------------------------ silent wrong results (items 12, 13, 18, 19)
+def test_coarse_loss_keeps_its_precision_near_convergence():
+    """Item 19: a confident, correct coarse head gives the float64 reference loss, not cancellation noise."""
+    from hierseg.losses import hierarchical_loss
+    from tests.plan_reference import PLAN_LUT, compute_losses
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 12, (2, 256, 256), generator=g)
+    target = PLAN_LUT[y].permute(0, 3, 1, 2)
+    logits_coarse = (target * 2 - 1) * 12.0 + torch.randn(target.shape, generator=g) * 0.1  # ~6e-6 BCE a channel
+    logits_fine = torch.randn(2, 12, 256, 256, generator=g)
+    ours = hierarchical_loss(logits_fine, [logits_coarse], y, [PLAN_LUT]).loss_coarse
+    _, _, ref = compute_losses(logits_fine.double(), logits_coarse.double(), y, PLAN_LUT.double())
+    assert float(ours.sum()) == pytest.approx(float(ref), rel=1e-3)
+
+
+def test_edited_or_soft_coarse_lut_is_not_served_from_a_stale_cache():
+    """Item 18: a LUT edited in place is checked again; a non-binary row is an error, not silently one-hot."""
+    from hierseg.losses import hierarchical_loss
+    from tests.plan_reference import PLAN_LUT, compute_losses
+
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 12, (1, 16, 16), generator=g)
+    fine, coarse = torch.randn(1, 12, 16, 16, generator=g), torch.randn(1, 5, 16, 16, generator=g)
+    lut = PLAN_LUT.clone()
+    hierarchical_loss(fine, [coarse], y, [lut])
+    lut[0] = torch.tensor([1.0, 0, 0, 0, 1])  # extracellular space now in two groups: no longer a partition
+    ours = hierarchical_loss(fine.double(), [coarse.double()], y, [lut]).loss_coarse
+    _, _, ref = compute_losses(fine.double(), coarse.double(), y, lut.double())
+    assert float(ours.sum()) == pytest.approx(float(ref), rel=1e-9)
+    lut[1] = torch.tensor([0.5, 0, 0, 0, 0.5])
+    with pytest.raises(ValueError, match="0/1"):
+        hierarchical_loss(fine, [coarse], y, [lut])
+
+
+def test_label_map_duplicate_keys_and_colour_npy_are_refused(tmp_path):
+    """Items 12 and 13: a duplicate label-map key and an (H, W, 3) .npy are errors naming the file."""
+    import numpy as np
+
+    from hierseg.data.io import read_array
+    from hierseg.data.labelmap import LabelMap
+    from hierseg.stackio import StackError, open_input
+
+    (tmp_path / "map.yaml").write_text("mapping:\n  3: axon\n  6: myelin\n  3: myelin\n")
+    with pytest.raises(ValueError, match=r"map\.yaml.*duplicate key 3"):
+        LabelMap.from_yaml(tmp_path / "map.yaml")
+    np.save(tmp_path / "rgb.npy", np.zeros((64, 80, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"rgb\.npy.*colour"):
+        read_array(tmp_path / "rgb.npy")
+    with pytest.raises(StackError, match=r"rgb\.npy.*colour"):
+        open_input(str(tmp_path / "rgb.npy"))
+    np.save(tmp_path / "stack.npy", np.zeros((3, 64, 80), np.uint8))  # three slices: fine
+    assert read_array(tmp_path / "stack.npy").shape == (3, 64, 80)

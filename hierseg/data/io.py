@@ -42,7 +42,7 @@ def read_array(spec: str | Path) -> np.ndarray:
         if path.suffix == ".zarr" or _looks_like_zarr(path):
             return _read_zarr(path, inner)
         if path.suffix.lower() == ".npy":
-            return np.load(path, allow_pickle=False)
+            return check_not_colour(np.load(path, allow_pickle=False), str(path))
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
 
@@ -54,6 +54,16 @@ def read_array(spec: str | Path) -> np.ndarray:
         raise ValueError(f"cannot read {spec}: {e}") from None
     except Exception as e:  # library errors differ per format; the file name is what users need
         raise ValueError(f"cannot read {spec} (unreadable or truncated file?): {type(e).__name__}: {e}") from None
+
+
+def check_not_colour(arr: np.ndarray, name: str) -> np.ndarray:
+    """Refuse an ``(H, W, 3|4)`` array: read as a stack it would be H slices of garbage, for minutes."""
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.shape[0] > 4 and arr.shape[1] > 4:
+        raise ValueError(
+            f"{name} has shape {arr.shape}, a colour image (H, W, {arr.shape[-1]}); EM images and labels must be "
+            "single-channel (a stack is [Z, H, W])"
+        )
+    return arr
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
 
 from hierseg.labels import (
     FINE_CLASSES,
@@ -73,10 +72,12 @@ class LabelMap:
         p = Path(path)
         if not p.is_file():
             raise ValueError(f"label map {p} not found; pass an existing YAML file to --label-map")
-        try:
-            raw = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ValueError(f"label map {p} is not valid YAML: {e}") from None
+        from hierseg.spec import SpecError, parse_yaml
+
+        try:  # the spec's loader: safe_load that rejects duplicate keys instead of keeping the last
+            raw = parse_yaml(p.read_text(), str(p))
+        except SpecError as e:
+            raise ValueError(f"label map {p}: {'; '.join(e.errors)}") from None
         return cls.from_config(raw, source=str(p))
 
     @classmethod
