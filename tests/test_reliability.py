@@ -556,3 +556,18 @@ def test_label_map_duplicate_keys_and_colour_npy_are_refused(tmp_path):
         open_input(str(tmp_path / "rgb.npy"))
     np.save(tmp_path / "stack.npy", np.zeros((3, 64, 80), np.uint8))  # three slices: fine
     assert read_array(tmp_path / "stack.npy").shape == (3, 64, 80)
+
+
+def test_corrupt_validation_shard_fails_at_preflight(shards, tmp_path):
+    """Item 4: a truncated val shard stops the job before any training, naming the shard."""
+    import shutil
+
+    from hierseg.train.launch import PreflightError, preflight_data_only
+
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    val = sorted((bad / "val").glob("shard-*.tar"))[0]
+    val.write_bytes(val.read_bytes()[:700])
+    spec = validate_spec(tiny_spec(bad, tmp_path))
+    with pytest.raises(PreflightError, match=rf"data\.val: shard .*{val.name}"):
+        preflight_data_only(spec)

@@ -465,6 +465,27 @@ def build_train_loader(
     return TrainStream(shards, cfg, data.num_workers)
 
 
+def check_shard_indexes(url: str, shards: list[str]) -> None:
+    """Read every local shard's tar headers (not the data) and compare with its manifest: cheap, before any work.
+
+    Why at preflight: a truncated validation shard used to surface only at the final evaluation,
+    after the whole training run.
+    """
+    import tarfile
+
+    manifest = read_manifest(url) or {}
+    expected = {s["name"]: int(s["num_samples"]) for s in manifest.get("shards", [])}
+    for shard in (s for s in shards if not _is_remote(s)):
+        try:
+            with tarfile.open(shard, "r:") as tar:
+                keys = {m.name.split(".", 1)[0] for m in tar if m.isfile()}
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise ValueError(f"shard {shard} is unreadable ({type(e).__name__}: {e}); rebuild the shards") from None
+        want = expected.get(Path(shard).name)
+        if want is not None and len(keys) != want:
+            raise ValueError(f"shard {shard} holds {len(keys)} samples, its manifest says {want}; rebuild the shards")
+
+
 # ------------------------------------------------------------------------------------------ validation
 def _split_range(start: int, stop: int, parts: int, index: int) -> tuple[int, int]:
     n = stop - start

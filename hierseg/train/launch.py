@@ -24,7 +24,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from hierseg.data.loader import resolve_shards
+from hierseg.data.loader import check_shard_indexes, resolve_shards
 from hierseg.data.synth import ensure_synthetic
 from hierseg.spec import JobSpec
 from hierseg.tracking import check_tracking_uri, end_run, run_is_open, set_offline_record, start_run
@@ -63,8 +63,9 @@ def preflight_data_only(spec: JobSpec) -> None:
     """Make the synthetic shards when asked, and check that both shard sets resolve."""
     ensure_synthetic(spec.data)
     for field in ("train", "val"):
+        url = getattr(spec.data, field)
         try:
-            resolve_shards(getattr(spec.data, field))
+            check_shard_indexes(url, resolve_shards(url))
         except ValueError as e:
             raise PreflightError(f"data.{field}: {e}") from None
 

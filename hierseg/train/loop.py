@@ -299,6 +299,8 @@ def run_loop(job: Job) -> bool:
         last = job.step == run.max_steps
         if job.step % run.log_every == 0 or last:
             job.tracker.log_metrics(job.progress.pop_window(job.step, job.scheduler.get_last_lr()[0]), job.step)
+        if last:
+            save_checkpoint(job)  # a failing final evaluation must never cost the training run
         if job.step % eval_every == 0 or last:
             job.progress.note_eval(evaluate(job))
         if job.step % ckpt_every == 0 or last:
