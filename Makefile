@@ -36,8 +36,10 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# Side-by-side benchmarks (each prints ratios measured in one run); ~10 min on 2 cores.
+# Side-by-side benchmarks (each prints ratios measured in one run); ~15 min on 2 cores.
+# The full real-data comparison takes hours on 2 cores: python bench/realdata.py (see bench/README.md).
 bench: setup
+	$(BIN)/python bench/realdata.py --quick
 	$(BIN)/python bench/loss.py
 	$(BIN)/python bench/loader.py
 	$(BIN)/python bench/step.py
