@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from hierseg import __version__
+from hierseg.fsutil import probe_writable
 from hierseg.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -384,9 +385,7 @@ def _check_sqlite(uri: str, db: Path) -> None:
     file must be a writable SQLite database: MLflow's own errors come after minutes of retries."""
     parent = db.parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".hierseg-probe-"):
-            pass
+        probe_writable(parent)
     except OSError as e:
         raise ConnectionError(
             f"MLflow tracking store {uri}: cannot write in {parent} ({e.strerror or e}); make the folder writable "

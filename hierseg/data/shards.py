@@ -43,6 +43,7 @@ import numpy as np
 from hierseg.data.io import file_sha256, list_images, read_array, split_source
 from hierseg.data.labelmap import LabelMap, histogram, set_histogram
 from hierseg.data.normalize import IntensitySummary, image_stats, storage_array
+from hierseg.fsutil import probe_writable
 from hierseg.labels import FINE_CLASSES, NUM_FINE_CLASSES
 
 MANIFEST = "manifest.json"
@@ -172,11 +173,11 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         foreign = [p.name for p in _split_files(out / s) if not _is_ours(p)]
         if foreign:
             raise ValueError(f"{out / s} holds files hierseg did not write ({', '.join(foreign[:3])}); move them away")
-    parent = out if out.is_dir() else out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write to {parent}: permission denied; choose another --out")
+    parent = out.parent  # the build goes beside --out, then is swapped in
+    try:
+        probe_writable(parent)
+    except OSError as e:
+        raise ValueError(f"cannot write to {parent} ({e.strerror or e}); choose another --out") from None
 
 
 def _split_files(d: Path) -> list[Path]:

@@ -17,7 +17,6 @@ import fcntl
 import json
 import os
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import torch.distributed as dist
 
 from hierseg.data.loader import check_shard_indexes, resolve_shards
 from hierseg.data.synth import ensure_synthetic
+from hierseg.fsutil import probe_writable
 from hierseg.spec import JobSpec
 from hierseg.tracking import check_tracking_uri, end_run, run_is_open, set_offline_record, start_run
 from hierseg.train.checkpoint import atomic_write_text, follow_umask
@@ -85,9 +85,7 @@ def check_storage(spec: JobSpec) -> None:
     """``run.storage_path`` must take new folders and files (found now, not at the first checkpoint)."""
     folder = run_dir(spec)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".hierseg-probe-"):
-            pass
+        probe_writable(folder)
     except OSError as e:
         raise PreflightError(
             f"run.storage_path {spec.run.storage_path}: cannot write in {folder} ({e.strerror or e}); make it "
