@@ -84,11 +84,11 @@ class Progress(NullProgress):
 
     def note_eval(self, summary: dict[str, float]) -> None:
         self.last_eval = summary
-        fine = {k.rsplit("/", 1)[1]: v for k, v in summary.items() if k.startswith("val/fine/iou/")}
-        ious = ", ".join(f"{k} {v:.2f}" for k, v in fine.items())
+        labels = {k.rsplit("/", 1)[1]: v for k, v in summary.items() if k.startswith("val/label/iou/")}
+        ious = ", ".join(f"{k} {v:.3f}" for k, v in labels.items())
         self.note(
-            f"eval: {int(summary['val/num_valid'])} valid px | fine mIoU {summary['val/fine/miou']:.3f} "
-            f"acc {summary['val/fine/accuracy']:.3f} | {ious}"
+            f"eval: {int(summary['val/num_valid'])} single-class px | label mIoU {summary['val/label/miou']:.3f} "
+            f"({ious}) | fine mIoU {summary['val/fine/miou']:.3f} acc {summary['val/fine/accuracy']:.3f}"
         )
 
     def note(self, text: str) -> None:
