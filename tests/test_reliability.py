@@ -571,3 +571,65 @@ def test_corrupt_validation_shard_fails_at_preflight(shards, tmp_path):
     spec = validate_spec(tiny_spec(bad, tmp_path))
     with pytest.raises(PreflightError, match=rf"data\.val: shard .*{val.name}"):
         preflight_data_only(spec)
+
+
+# ----------------------------------------------------------------------- layout, signals, BN (items 8, 11, 16, 24)
+def test_batch_that_does_not_divide_over_the_ranks_is_an_error():
+    """Item 8: torchrun with more ranks than the batch (or a non-dividing world) fails naming both numbers."""
+    from hierseg.train.loop import per_rank_batch
+
+    spec = validate_spec(tiny_spec(Path("s"), Path("w"), data={"batch_size": 4}, run={"num_workers": 1}))
+    for world in (3, 8):
+        ctx = DistContext(0, world, 0, torch.device("cpu"), "torchrun", False)
+        with pytest.raises(ValueError, match=rf"data.batch_size 4 does not divide over {world} training processes"):
+            per_rank_batch(spec, ctx)
+    assert per_rank_batch(spec, DistContext(0, 2, 0, torch.device("cpu"), "torchrun", False)) == 2
+
+
+def test_empty_or_slashed_run_name_is_a_spec_error():
+    """Item 24: run.name names a folder under storage_path: empty or with a slash is refused."""
+    from hierseg.spec import SpecError
+
+    for name in ("", "a/b", " x"):
+        with pytest.raises(SpecError, match="run.name"):
+            validate_spec(tiny_spec(Path("s"), Path("w"), run={"name": name}))
+
+
+def _bn_rank(rank, world):
+    from types import SimpleNamespace
+
+    from hierseg.train.loop import sync_buffers
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+    model(torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(rank)))  # per-rank running stats
+    before = model[1].running_mean.clone()
+    ctx = DistContext(rank, world, 0, torch.device("cpu"), "torchrun", False)
+    sync_buffers(SimpleNamespace(ctx=ctx, model=model))
+    return before, model[1].running_mean.clone(), model[1].num_batches_tracked.clone()
+
+
+def test_batch_norm_statistics_are_rank_zeros_everywhere_before_eval():
+    """Item 16: evaluation and checkpoints see rank 0's batch-norm statistics on every rank."""
+    from tests.dist_utils import run_ranks
+
+    (b0, a0, n0), (b1, a1, n1) = run_ranks(2, _bn_rank)
+    assert not torch.equal(b0, b1)  # they did differ
+    assert torch.equal(a0, b0) and torch.equal(a1, b0) and torch.equal(n0, n1)
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_and_stops_like_sigterm(shards, tmp_path):
+    """Item 11: one Ctrl-C stops at the next boundary with a checkpoint and exit 0; the run resumes from it."""
+    spec = tiny_spec(shards, tmp_path, run={"num_workers": 1, "max_steps": 400, "log_every": 2, "eval_every": 400})
+    path = write_spec(spec, tmp_path / "s.yaml")
+    proc = subprocess.Popen([sys.executable, TRAIN, "--spec", str(path), "--launcher", "local"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    for line in proc.stdout:
+        if "[hierseg] step 4/" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped at step" in err and "Traceback" not in err
+    index = json.loads((run_dir(validate_spec(spec)) / INDEX_FILE).read_text())
+    assert index, "a checkpoint was written at the stop"

@@ -69,9 +69,11 @@ def test_torchrun_two_processes_one_mlflow_run(shards, tmp_path):
 
 
 def test_exact_resume_matches_uninterrupted_run(shards, tmp_path):
-    """Stopped at step N of 2N and resumed: same final step and bit-identical weights."""
-    full = tiny_spec(shards, tmp_path / "a", run={"num_workers": 1}, tracking={"log_model": False})
-    part = tiny_spec(shards, tmp_path / "b", run={"num_workers": 1, "stop_at_step": 4}, tracking={"log_model": False})
+    """Stopped at step N of 2N and resumed: same final step and bit-identical weights, dropout included."""
+    model = {"dropout": 0.2}  # draws from the global RNG every step: resume must restore it untouched
+    full = tiny_spec(shards, tmp_path / "a", run={"num_workers": 1}, tracking={"log_model": False}, model=model)
+    part = tiny_spec(shards, tmp_path / "b", run={"num_workers": 1, "stop_at_step": 4}, tracking={"log_model": False},
+                     model=model)  # fmt: skip
     for spec, name in ((full, "a.yaml"), (part, "b.yaml")):
         (tmp_path / name[0]).mkdir()
         out = train_cli(write_spec(spec, tmp_path / name), "--launcher", "local")
