@@ -19,6 +19,9 @@ pytestmark = pytest.mark.realdata
 MAPS = Path(__file__).resolve().parents[1] / "examples" / "label_maps"
 
 
+UNIT = {"mode": "affine", "lo": 0.0, "hi": 255.0}  # uint8 -> [0, 1], so pixels compare exactly
+
+
 def _need(name: str) -> Path:
     path = REAL_DATA / name
     if not path.is_dir():
@@ -41,7 +44,7 @@ def test_srf_tem_round_trip_and_mouse_split(tmp_path) -> None:
         for s in manifest["sources"]:
             img, lab = np.asarray(Image.open(s["image"])), np.asarray(Image.open(s["label"]))
             originals[img.tobytes()] = np.where(lab == 255, -1, lab.astype(np.int64))
-        for images, labels in build_val_loader(data, rank=0, world_size=1, batch_size=4):
+        for images, labels in build_val_loader(data, rank=0, world_size=1, normalization=UNIT, num_labels=12):
             for img, lab in zip(images, labels):
                 raw = (img[0].numpy() * 255).round().astype(np.uint8).tobytes()
                 assert raw in originals, "a loaded image matches no source image pixel for pixel"
@@ -63,7 +66,7 @@ def test_vnc_sstem_stack_with_label_map(tmp_path) -> None:
     assert manifest["num_samples"] <= 3 * 4 and total == manifest["num_samples"] * 512 * 512
     data = DataSpec(train=str(out / "train"), val=str(out / "val"), batch_size=4, num_workers=0)
     valid = 0
-    for _, labels in build_val_loader(data, rank=0, world_size=1, batch_size=4):
+    for _, labels in build_val_loader(data, rank=0, world_size=1, normalization=UNIT, num_labels=12):
         assert set(labels.unique().tolist()) <= {-1, 0, 10}
         valid += int((labels >= 0).sum())
     assert valid == sum(manifest["class_histogram"])
