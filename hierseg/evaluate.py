@@ -14,7 +14,7 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,21 +53,47 @@ def run_eval(
     num_samples: int = 4,
 ) -> tuple[EvalMetrics, EvalSample | None]:
     """Predict every slice of this rank's share; counts are all-reduced once by the caller."""
+    parts, sample = run_eval_sources(
+        model, batches, hierarchy, device, [(options, label_space)], label_sets, num_samples
+    )
+    return parts[0], sample
+
+
+@torch.no_grad()
+def run_eval_sources(
+    model: torch.nn.Module,
+    batches,
+    hierarchy: Hierarchy,
+    device: torch.device,
+    per_source: Sequence[tuple[PredictOptions, LabelSpace | None]],
+    label_sets: LabelSets | None = None,
+    num_samples: int = 4,
+) -> tuple[list[EvalMetrics], EvalSample | None]:
+    """One :class:`EvalMetrics` per source; a batch is ``(image, label)`` or ``(image, label, source)``.
+
+    Each source's slices are decoded as that source's labels ask (its own label space), because its
+    scores answer its annotation's question; the caller reduces all parts in one collective.
+    """
     sets = label_sets or LabelSets()
     luts = hierarchy.luts()
-    metrics = EvalMetrics(NUM_FINE_CLASSES, luts, device=device, label_sets=sets.table(), set_names=sets.names)
+    parts = [
+        EvalMetrics(NUM_FINE_CLASSES, luts, device=device, label_sets=sets.table(), set_names=sets.names)
+        for _ in per_source
+    ]
     shown: list[tuple[torch.Tensor, ...]] = []
     was_training = model.training
     model.eval()
-    for image_1CHW, label_1HW in batches:
+    for image_1CHW, label_1HW, *tag in batches:
+        k = int(tag[0]) if tag else 0
+        options, space = per_source[k]
         probs = predict_probs(model, image_1CHW[0].to(device), options)
-        pred_HW = torch.from_numpy(decide(probs, luts[0], options, label_space)["fine_labels"]).long()
+        pred_HW = torch.from_numpy(decide(probs, luts[0], options, space)["fine_labels"]).long()
         coarse = torch.split(probs[NUM_FINE_CLASSES:], hierarchy.num_groups)
-        metrics.update(pred_HW[None], [c[None] for c in coarse], label_1HW)
+        parts[k].update(pred_HW[None], [c[None] for c in coarse], label_1HW)
         if len(shown) < num_samples:
             shown.append((image_1CHW[0, 0].float(), label_1HW[0], pred_HW, coarse[0]))
     model.train(was_training)
-    return metrics, _sample(shown)
+    return parts, _sample(shown)
 
 
 def _sample(shown: list[tuple[torch.Tensor, ...]]) -> EvalSample | None:
@@ -107,6 +133,23 @@ def summarize(metrics: EvalMetrics, hierarchy: Hierarchy, label_space: LabelSpac
         out[f"val/{level.name}/consistency"] = hc.rate()
     out.update(_label_summary(metrics, label_space or identity_label_space()))
     out.update(_set_summary(metrics))
+    return out
+
+
+def summarize_sources(
+    parts: Mapping[str, EvalMetrics], hierarchy: Hierarchy, spaces: Mapping[str, LabelSpace | None],
+    together: EvalMetrics, together_space: LabelSpace | None,
+) -> dict[str, float]:  # fmt: skip
+    """The usual ``val/...`` keys for all sources together, and the same keys per source as ``val/<source>/...``.
+
+    ``together`` is the parts' summed counts (:meth:`EvalMetrics.summed`), so ``val/num_valid`` is the
+    sum over sources and every together rate comes from the summed counts. Each source is scored in
+    its own label space (``val/<source>/label/iou/<value>``).
+    """
+    out = summarize(together, hierarchy, together_space)
+    for name, metrics in parts.items():
+        for key, value in summarize(metrics, hierarchy, spaces.get(name)).items():
+            out[f"val/{name}/{key.removeprefix('val/')}"] = value
     return out
 
 

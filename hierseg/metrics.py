@@ -6,6 +6,7 @@ consistency) is derived afterwards from the global sums, never averaged over ran
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
@@ -256,11 +257,35 @@ class EvalMetrics:
 
     def all_reduce(self, process_group: dist.ProcessGroup | None = None) -> EvalMetrics:
         """Sum every count over ranks with a single collective."""
-        tensors = self._tensors()
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        _all_reduce_sum(flat, process_group)
-        offset = 0
-        for t in tensors:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
+        all_reduce_metrics([self], process_group)
         return self
+
+    @classmethod
+    def summed(cls, parts: Sequence[EvalMetrics]) -> EvalMetrics:
+        """The counts of ``parts`` (one per data source, same classes, levels and set table) added up.
+
+        Every rate is then derived from the summed counts, so "all sources together" is exactly the
+        metric of one evaluation over every source's pixels, never an average of per-source rates.
+        """
+        if not parts:
+            raise ValueError("EvalMetrics.summed needs at least one part")
+        total = copy.deepcopy(parts[0])
+        for t_total, *t_parts in zip(total._tensors(), *(p._tensors() for p in parts[1:]), strict=True):
+            for t in t_parts:
+                t_total += t
+        return total
+
+
+def all_reduce_metrics(parts: Sequence[EvalMetrics], process_group: dist.ProcessGroup | None = None) -> None:
+    """Sum the counts of several :class:`EvalMetrics` (one per source) over ranks in one collective.
+
+    One flat int64 buffer keeps the collective count independent of the number of sources, and every
+    rank calls it with the same parts (the spec's validation sources), so it is symmetric.
+    """
+    tensors = [t for m in parts for t in m._tensors()]
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    _all_reduce_sum(flat, process_group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()

@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from hierseg.labels import DEFAULT_GROUPS, Hierarchy, LabelSets
 
@@ -100,13 +109,60 @@ class LabelSetSpec(_Strict):
     """Optional stored value (``12 + position``), as the manifest records it; checked when given."""
 
 
+SOURCE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*$"
+RESERVED_SOURCE_NAMES = frozenset({"fine", "label", "num_valid", "num_set_pixels", "set_accuracy"})
+"""First parts of the together keys (``val/fine/...``): a source with such a name would read as one of them."""
+DEFAULT_SOURCE = "default"
+"""Name of the one source a plain ``data.train: <shards>`` string describes (never in a metric key)."""
+
+
+class ValSourceSpec(_Strict):
+    """One validation data set: its shards, scored on their own as ``val/<name>/...``."""
+
+    name: str = Field(pattern=SOURCE_NAME_PATTERN)
+    """Source name (letters, digits, ``_``, ``-``): the ``<source>`` of ``val/<source>/...`` metric keys."""
+    shards: str
+    """Shard location of this source (a folder with ``manifest.json``, a glob, a brace pattern, or URLs)."""
+
+
+class SourceSpec(ValSourceSpec):
+    """One training data set: its shards (with their own label map and sets) and how often it is drawn."""
+
+    weight: float = Field(1.0, gt=0)
+    """Relative sampling weight: each training sample comes from this source with probability weight / sum."""
+
+
+def _location_or_list(value: Any) -> str | None:
+    """Which form of ``data.train``/``data.val`` a value is (None: neither; pydantic reports it)."""
+    if isinstance(value, str):
+        return "location"
+    if isinstance(value, list):
+        return "sources"
+    return None
+
+
+_FORM_ERROR = "must be a shard location (a string) or a list of sources {name, shards[, weight]}"
+UNION_TAGS = ("location", "sources")
+"""Tags of the two forms; dropped from error paths so they read ``data.train.0.weight``."""
+TrainData = Annotated[
+    Annotated[str, Tag("location")] | Annotated[list[SourceSpec], Tag("sources")],
+    Discriminator(_location_or_list, custom_error_type="data_form", custom_error_message=_FORM_ERROR),
+]
+ValData = Annotated[
+    Annotated[str, Tag("location")] | Annotated[list[ValSourceSpec], Tag("sources")],
+    Discriminator(_location_or_list, custom_error_type="data_form", custom_error_message=_FORM_ERROR),
+]
+
+
 class DataSpec(_Strict):
     """Where the shards are and how they are streamed into the workers."""
 
-    train: str
-    """Training shards: a folder with ``manifest.json``, a glob, a brace pattern, or URLs."""
-    val: str
-    """Validation shards (same forms as ``train``); every sample is evaluated exactly once."""
+    train: TrainData
+    """Training shards: a folder with ``manifest.json``, a glob, a brace pattern, or URLs; or a list of
+    sources ``{name, shards, weight}`` (several data sets, each with its own label map, in one run)."""
+    val: ValData
+    """Validation shards (same forms as ``train``; with sources, a list of ``{name, shards}`` named as in
+    ``train``, scored per source and together); every sample is evaluated exactly once."""
     batch_size: PosInt
     """Global batch size per step, summed over all workers (must divide by ``run.num_workers``)."""
     patch_size: PosInt = 256
@@ -136,6 +192,58 @@ class DataSpec(_Strict):
         if v is not None:
             LabelSets.from_config([s.model_dump() for s in v], where="data.label_sets")  # raises naming the set
         return v
+
+    @field_validator("train", "val")
+    @classmethod
+    def _valid_sources(cls, v: str | list[ValSourceSpec]) -> str | list[ValSourceSpec]:
+        if isinstance(v, str):
+            return v
+        if not v:
+            raise ValueError("the list of sources is empty; give at least one {name, shards} (or one shard location)")
+        names = [s.name for s in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"source name {dup[0]!r} is used twice; source names must be unique")
+        reserved = [n for n in names if n in RESERVED_SOURCE_NAMES or n == DEFAULT_SOURCE]
+        if reserved:
+            raise ValueError(
+                f"source name {reserved[0]!r} is reserved (it would read as a val/{reserved[0]}/... key); rename it"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _same_form(self) -> DataSpec:
+        multi_train, multi_val = isinstance(self.train, list), isinstance(self.val, list)
+        if multi_train != multi_val:
+            raise ValueError(
+                "data.train and data.val must take the same form: both one shard location, or both lists of "
+                "sources (validation sources named as in data.train)"
+            )
+        if multi_val:
+            unknown = [s.name for s in self.val if s.name not in {t.name for t in self.train}]
+            if unknown:
+                raise ValueError(
+                    f"data.val source {unknown[0]!r} is not a data.train source ({', '.join(self.source_names())}); "
+                    "validation sources must use the training source names"
+                )
+        if multi_train and self.synthetic is not None:
+            raise ValueError("data.synthetic generates one data set; remove it, or give data.train as one location")
+        return self
+
+    @property
+    def multi_source(self) -> bool:
+        """Several named data sets (``val/<source>/...`` metrics) rather than one shard location."""
+        return isinstance(self.train, list)
+
+    def source_names(self) -> list[str]:
+        return [s.name for s in self.sources("train")]
+
+    def sources(self, split: Literal["train", "val"]) -> list[SourceSpec]:
+        """The split's sources; one plain location is the single source ``default`` of weight 1."""
+        value = getattr(self, split)
+        if isinstance(value, str):
+            return [SourceSpec(name=DEFAULT_SOURCE, shards=value)]
+        return [SourceSpec(name=s.name, shards=s.shards, weight=getattr(s, "weight", 1.0)) for s in value]
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -289,6 +397,12 @@ class JobSpec(_Strict):
                 f"loss.lambda_coarse has {len(self.loss.lambda_coarse)} values but hierarchy.levels has "
                 f"{len(self.hierarchy.levels)}: give one per level or a single number"
             )
+        clash = set(self.data.source_names()) & {lv.name for lv in self.hierarchy.levels}
+        if self.data.multi_source and clash:
+            raise ValueError(
+                f"data source {sorted(clash)[0]!r} has the name of a hierarchy level: val/{sorted(clash)[0]}/... "
+                "would mean both; rename the source"
+            )
         if self.run.precision == "bf16" and not self.run.use_gpu:
             warnings.warn("run.precision=bf16 is ignored on CPU (run.use_gpu is false); training in fp32", stacklevel=2)
         return self
@@ -369,20 +483,31 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
     return raw
 
 
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The first spec section class inside an annotation (through optionals, unions, lists, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The spec section class a validation error location points into."""
+    """The spec section class a validation error location points into (list indices stay in the list's model)."""
     model: type[BaseModel] | None = JobSpec
     for part in loc:
+        if isinstance(part, int):
+            continue
         if model is None or not isinstance(part, str) or part not in model.model_fields:
             return None
-        ann = model.model_fields[part].annotation
-        candidates = [ann, *getattr(ann, "__args__", ())]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        model = _model_in(model.model_fields[part].annotation)
     return model
 
 
 def _describe(err: dict[str, Any]) -> str:
-    loc = tuple(err["loc"])
+    loc = tuple(p for p in err["loc"] if p not in UNION_TAGS)  # the form's tag is no part of the field path
     path = ".".join(str(p) for p in loc) or "(top level)"
     kind = err["type"]
     if kind == "extra_forbidden":
@@ -394,6 +519,8 @@ def _describe(err: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{path}: required field is missing; add it to the spec"
     msg = err["msg"].removeprefix("Value error, ")
+    if kind == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == SOURCE_NAME_PATTERN:
+        msg = f"{err.get('input')!r}: a source name holds letters, digits, _ and - only (it is a metric key part)"
     if kind in {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}:
         msg = f"{msg} (got {err.get('input')!r})"
     return f"{path}: {msg}"

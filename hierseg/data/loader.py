@@ -157,13 +157,17 @@ def iter_raw_samples(url: str) -> Iterator[dict[str, Any]]:
         stream.close()
 
 
-def decode_sample(raw: dict[str, Any], norm: dict[str, Any], num_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_sample(
+    raw: dict[str, Any], norm: dict[str, Any], num_labels: int, remap: np.ndarray | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised ``float32 [C,h,w]`` image and ``int64 [h,w]`` label of a stored slice or tile.
 
     ``norm`` is the run's resolved normalisation (:func:`hierseg.data.normalize.normalize`), applied
     with the whole slice's statistics stored beside the tile; labels must lie in ``-1 .. num_labels - 1``
     (fine classes, then label-set ids), which is checked here so that a bad value names its sample
-    instead of failing deep inside the loss (a device-side assert on GPU).
+    instead of failing deep inside the loss (a device-side assert on GPU). ``remap`` (a source of a
+    multi-source run, :mod:`hierseg.data.sources`) then turns the source's set ids into the merged
+    table's: ``label = remap[label + 1]``.
     """
     for part in ("image.npy", "label.npy"):
         if part not in raw:
@@ -183,7 +187,8 @@ def decode_sample(raw: dict[str, Any], norm: dict[str, Any], num_labels: int) ->
         )
     meta = json.loads(raw["json"]) if "json" in raw else {}
     x = normalize(image, norm, meta.get("stats"))
-    return torch.from_numpy(x), torch.from_numpy(label.astype(np.int64))
+    label = label.astype(np.int64) if remap is None else remap[label.astype(np.int64) + 1]
+    return torch.from_numpy(x), torch.from_numpy(label)
 
 
 class BadSamplePolicy:
@@ -212,7 +217,7 @@ def _guarded_samples(url: str, policy: BadSamplePolicy) -> Iterator[dict[str, An
 
 def _decode_or_none(raw: dict[str, Any], cfg: dict[str, Any], policy: BadSamplePolicy) -> Batch | None:
     try:
-        return decode_sample(raw, cfg["normalization"], cfg["num_labels"])
+        return decode_sample(raw, cfg["normalization"], cfg["num_labels"], cfg.get("remap"))
     except Exception as e:
         policy(raw.get("__url__", "?"), raw.get("__key__"), e)
         return None
@@ -317,13 +322,16 @@ class _TrainSource(IterableDataset):
         rng = np.random.default_rng(_seed(self.cfg["seed"], epoch, consumer, 0x5F))
         return _shuffled(raws, self.cfg["shuffle_buffer"], rng)
 
-    def _prepare(self, raw: dict, gen: torch.Generator, policy: BadSamplePolicy) -> Batch | None:
+    def _prepare(
+        self, raw: dict, gen: torch.Generator, policy: BadSamplePolicy, cfg: dict | None = None
+    ) -> Batch | None:
         """Decode a stored slice, draw a random crop with some valid pixel, augment it."""
-        sample = _decode_or_none(raw, self.cfg, policy)
+        cfg = cfg or self.cfg
+        sample = _decode_or_none(raw, cfg, policy)
         if sample is None:
             return None
         for _ in range(_CROP_TRIES):
-            image, label = random_crop(*sample, self.cfg["patch_size"], gen, self.cfg["class_weights"])
+            image, label = random_crop(*sample, self.cfg["patch_size"], gen, cfg["class_weights"])
             if (label >= 0).any():
                 break
         else:
@@ -334,12 +342,15 @@ class _TrainSource(IterableDataset):
             image, label = augment(image, label, self.cfg["augment"], gen)
         return image, label
 
-    def __iter__(self) -> Iterator[tuple[Batch, tuple[int, int, int]]]:
+    def _identity(self) -> tuple[int, int, int]:
+        """This DataLoader worker's logical worker, consumer index and the number of consumers."""
         info = get_worker_info()
         logical_workers = self.cfg["logical_workers"]
         lw = ((info.id if info else 0) + self.offset) % logical_workers
-        consumer = self.cfg["rank"] * logical_workers + lw
-        consumers = self.cfg["world_size"] * logical_workers
+        return lw, self.cfg["rank"] * logical_workers + lw, self.cfg["world_size"] * logical_workers
+
+    def __iter__(self) -> Iterator[tuple[Batch, tuple[int, int, int]]]:
+        lw, consumer, consumers = self._identity()
         policy = BadSamplePolicy(self.cfg["on_bad_sample"])
         epoch, skip = self.start.get(lw, (0, 0))
         pending: list[Batch] = []
@@ -380,8 +391,11 @@ class TrainStream:
         """Slowest logical worker's epoch (each worker passes over its own share of the shards)."""
         return min(e for e, _ in self.positions.values())
 
+    def _source(self) -> IterableDataset:
+        return _TrainSource(self.shards, self.cfg, dict(self.positions), self.batches % self.logical_workers)
+
     def __iter__(self) -> Iterator[Batch]:
-        source = _TrainSource(self.shards, self.cfg, dict(self.positions), self.batches % self.logical_workers)
+        source = self._source()
         # Its own generator: the workers' base seed must not draw from the global RNG, which resume
         # restores for dropout (drawing here would shift it and break bit-exact resume).
         generator = torch.Generator().manual_seed(_seed(self.cfg["seed"], self.cfg["rank"], self.batches))
@@ -431,6 +445,154 @@ class TrainStream:
         return {"logical_workers": self.logical_workers} | {k: self.cfg[k] for k in keys}
 
 
+# ------------------------------------------------------------------------------ several training sources
+SourcePositions = list[tuple[int, int]]
+
+
+class _MixedTrainSource(_TrainSource):
+    """One rank's infinite stream over several sources; sample ``j`` of a consumer draws its source by weight.
+
+    Sample ``j``'s generator (seeded by ``(seed, consumer, j)``) first draws the source, then the crop
+    and augmentation, so the mixture is a pure function of the positions too. Each source cycles its
+    own shards forever (its own permutation per epoch and its own shuffle buffer), so no source, and
+    no rank, can run dry; a source's position is ``(epoch, raw samples taken in that epoch)``.
+    """
+
+    def __init__(self, sources: list[dict[str, Any]], cfg: dict[str, Any],
+                 start: dict[int, tuple[int, SourcePositions]], offset: int):  # fmt: skip
+        super().__init__([], cfg, {}, offset)
+        self.sources, self.mixed_start = sources, start
+        self.weights = torch.tensor([s["weight"] for s in sources], dtype=torch.float64)
+
+    def _source_raws(self, k: int, epoch: int, consumer: int, consumers: int, policy: BadSamplePolicy):
+        src = self.sources[k]
+        n = len(src["shards"])
+        perm = np.random.default_rng(_seed(self.cfg["seed"], epoch, 0x5A4D, k)).permutation(n)
+        urls = [src["shards"][perm[(consumer + m * consumers) % n]] for m in range(math.ceil(n / consumers))]
+        raws = (r for url in urls for r in _guarded_samples(url, policy))
+        rng = np.random.default_rng(_seed(self.cfg["seed"], epoch, consumer, 0x5F, k))
+        return _shuffled(raws, self.cfg["shuffle_buffer"], rng)
+
+    def _cycle(self, k: int, start: tuple[int, int], consumer: int, consumers: int, policy: BadSamplePolicy):
+        """Source ``k``'s raw samples for this consumer as ``(epoch, index, raw)``, epoch after epoch, forever."""
+        epoch, skip = start
+        while True:
+            seen = 0
+            for i, raw in enumerate(self._source_raws(k, epoch, consumer, consumers, policy)):
+                seen = i + 1
+                if i >= skip:
+                    yield epoch, i, raw
+            if seen == 0:
+                raise ValueError(
+                    f"data source {self.sources[k]['name']!r}: rank {self.cfg['rank']} read no sample from a whole "
+                    f"epoch of its shards {self.sources[k]['shards'][:3]}... (empty or all bad); check them"
+                )
+            epoch, skip = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[tuple[Batch, tuple[int, int, SourcePositions]]]:
+        lw, consumer, consumers = self._identity()
+        policy = BadSamplePolicy(self.cfg["on_bad_sample"])
+        j, positions = self.mixed_start.get(lw, (0, [(0, 0)] * len(self.sources)))
+        positions = list(positions)
+        cycles = [self._cycle(k, pos, consumer, consumers, policy) for k, pos in enumerate(positions)]
+        usable = _UsableWatch(self.sources, positions, self.cfg["rank"])
+        pending: list[Batch] = []
+        while True:
+            gen = torch.Generator().manual_seed(_seed(self.cfg["seed"], consumer, j, 0x4D49))
+            k = int(torch.multinomial(self.weights, 1, generator=gen))
+            epoch, i, raw = next(cycles[k])
+            positions[k], j = (epoch, i + 1), j + 1
+            sample = self._prepare(raw, gen, policy, self.sources[k]["cfg"])
+            usable.saw(k, epoch, sample is not None)
+            if sample is None:
+                continue
+            pending.append(sample)
+            if len(pending) == self.cfg["batch_size"]:
+                batch = (torch.stack([s[0] for s in pending]), torch.stack([s[1] for s in pending]))
+                pending = []
+                yield batch, (lw, j, list(positions))
+
+
+class _UsableWatch:
+    """Fails a source whose whole epoch (for this consumer) gave no usable patch, instead of looping forever."""
+
+    def __init__(self, sources: list[dict[str, Any]], positions: SourcePositions, rank: int):
+        self.sources, self.rank = sources, rank
+        self.epoch = [e for e, _ in positions]
+        self.kept = [0] * len(sources)
+        self.whole = [i == 0 for _, i in positions]  # a resumed epoch's skipped part is not seen again
+
+    def saw(self, k: int, epoch: int, usable: bool) -> None:
+        if epoch != self.epoch[k]:
+            if self.kept[k] == 0 and self.whole[k]:
+                raise ValueError(
+                    f"data source {self.sources[k]['name']!r}: a whole epoch of its shards gave rank {self.rank} no "
+                    "usable training patch (all uncertain, or all bad); check the source's shards and label map"
+                )
+            self.epoch[k], self.kept[k], self.whole[k] = epoch, 0, True
+        self.kept[k] += int(usable)
+
+
+class MixedTrainStream(TrainStream):
+    """:class:`TrainStream` over several weighted sources; positions add every source's ``(epoch, index)``."""
+
+    def __init__(self, sources: list[dict[str, Any]], cfg: dict[str, Any], num_workers: int):
+        super().__init__([], cfg, num_workers)
+        self.sources = sources
+        start = [(0, 0)] * len(sources)
+        self.positions = {lw: (0, list(start)) for lw in range(self.logical_workers)}  # type: ignore[assignment]
+
+    @property
+    def epoch(self) -> int:
+        """Slowest source epoch of any logical worker."""
+        return min(e for _, pos in self.positions.values() for e, _ in pos)  # type: ignore[misc]
+
+    def _source(self) -> IterableDataset:
+        offset = self.batches % self.logical_workers
+        return _MixedTrainSource(self.sources, self.cfg, dict(self.positions), offset)  # type: ignore[arg-type]
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["positions"] = [[lw, j, [list(p) for p in pos]] for lw, (j, pos) in sorted(self.positions.items())]
+        return state | {"sources": [s["name"] for s in self.sources]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Exact when layout and source names match; else every source restarts at the saved epoch."""
+        if all(state.get(k) == v for k, v in self._layout().items()):
+            self.batches = int(state["batches"])
+            self.positions = {
+                int(lw): (int(j), [(int(e), int(i)) for e, i in pos]) for lw, j, pos in state["positions"]
+            }
+            return
+        warnings.warn(
+            f"loader state was saved with sources {state.get('sources')}, {state.get('world_size')} ranks x "
+            f"{state.get('logical_workers')} workers (seed {state.get('seed')}); now {self._layout()}: resuming at "
+            f"the start of epoch {state.get('epoch', 0)}, not at the exact sample",
+            stacklevel=2,
+        )
+        epoch = int(state.get("epoch", 0))
+        self.batches = int(state.get("batches", 0))
+        self.positions = {lw: (0, [(epoch, 0)] * len(self.sources)) for lw in range(self.logical_workers)}
+
+    def _layout(self) -> dict[str, Any]:
+        return super()._layout() | {"sources": [s["name"] for s in self.sources]}
+
+
+def _mixed_sources(data: DataSpec, sources: Any, cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-source shards, weight and decoding (own label range, remapping to the merged set table)."""
+    out = []
+    for src in sources.sources:
+        weights = class_weights(src.train_manifest) if data.class_balanced else None
+        where = f"data source {src.name!r}"
+        try:
+            shards = resolve_shards(src.train)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        source_cfg = {**cfg, "num_labels": src.num_labels, "remap": src.remap, "class_weights": weights}
+        out.append({"name": src.name, "weight": src.weight, "shards": shards, "cfg": source_cfg})
+    return out
+
+
 def build_train_loader(
     data: DataSpec,
     *,
@@ -441,13 +603,17 @@ def build_train_loader(
     normalization: dict[str, Any],
     num_labels: int,
     augment: bool = True,
+    sources: Any = None,
 ) -> TrainStream:
     """The rank's infinite training stream of ``batch_size`` (per-rank) random crops of ``data.patch_size``.
 
     ``normalization`` is the run's resolved normalisation; ``num_labels`` is 12 plus the number of label sets.
+    With several sources (``data.train`` a list; ``sources`` from :func:`hierseg.data.sources.resolve_sources`,
+    resolved here when not given) the stream is a :class:`MixedTrainStream`.
     """
-    shards = resolve_shards(data.train)
-    weights = class_weights(read_manifest(data.train)) if data.class_balanced else None
+    multi = data.multi_source
+    shards = [] if multi else resolve_shards(data.train)
+    weights = class_weights(read_manifest(data.train)) if data.class_balanced and not multi else None
     cfg = {
         "patch_size": data.patch_size,
         "normalization": normalization,
@@ -462,6 +628,10 @@ def build_train_loader(
         "class_weights": weights,
         "on_bad_sample": data.on_bad_sample,
     }
+    if multi:
+        from hierseg.data.sources import resolve_sources
+
+        return MixedTrainStream(_mixed_sources(data, sources or resolve_sources(data), cfg), cfg, data.num_workers)
     return TrainStream(shards, cfg, data.num_workers)
 
 
@@ -503,25 +673,34 @@ def shard_counts(url: str, shards: list[str]) -> list[int]:
 
 
 class _ValSource(IterableDataset):
-    """Samples with global index in ``[start, stop)``, split further over DataLoader workers."""
+    """Samples with global index in ``[start, stop)``, split further over DataLoader workers.
 
-    def __init__(self, shards: list[str], counts: list[int], start: int, stop: int, cfg: dict[str, Any]):
+    With ``shard_sources`` (several sources: the shards of all of them, in source order) each shard
+    decodes with its source's entry of ``source_cfgs`` and each sample comes with its source index.
+    """
+
+    def __init__(self, shards: list[str], counts: list[int], start: int, stop: int, cfg: dict[str, Any],
+                 shard_sources: list[int] | None = None, source_cfgs: list[dict[str, Any]] | None = None):  # fmt: skip
         super().__init__()
         self.shards, self.counts, self.start, self.stop, self.cfg = shards, counts, start, stop, cfg
+        self.shard_sources, self.source_cfgs = shard_sources, source_cfgs
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         a, b = _split_range(self.start, self.stop, info.num_workers if info else 1, info.id if info else 0)
         policy = BadSamplePolicy(self.cfg["on_bad_sample"])
         offset = 0
-        for url, count in zip(self.shards, self.counts):
+        for k, (url, count) in enumerate(zip(self.shards, self.counts)):
             lo, hi = max(a, offset), min(b, offset + count)
+            src = None if self.shard_sources is None else self.shard_sources[k]
+            cfg = self.cfg if src is None else self.source_cfgs[src]
             if lo < hi:
                 seen = 0
                 for j, raw in enumerate(_guarded_samples(url, policy)):
                     seen = j + 1
-                    if lo <= offset + j < hi and (sample := _decode_or_none(raw, self.cfg, policy)) is not None:
-                        yield sample[0][None], sample[1][None]
+                    if lo <= offset + j < hi and (sample := _decode_or_none(raw, cfg, policy)) is not None:
+                        tagged = () if src is None else (src,)
+                        yield sample[0][None], sample[1][None], *tagged
                 if seen != count and policy.mode == "stop":
                     raise ValueError(f"shard {url} holds {seen} samples but the manifest says {count}; rebuild")
             offset += count
@@ -534,10 +713,11 @@ class ValLoader:
     """
 
     def __init__(self, shards: list[str], counts: list[int], rank: int, world_size: int, cfg: dict[str, Any],
-                 num_workers: int):  # fmt: skip
+                 num_workers: int, shard_sources: list[int] | None = None,
+                 source_cfgs: list[dict[str, Any]] | None = None):  # fmt: skip
         self.start, self.stop = _split_range(0, sum(counts), world_size, rank)
         self.num_workers = num_workers
-        self.source = _ValSource(shards, counts, self.start, self.stop, cfg)
+        self.source = _ValSource(shards, counts, self.start, self.stop, cfg, shard_sources, source_cfgs)
 
     @property
     def num_samples(self) -> int:
@@ -555,9 +735,27 @@ class ValLoader:
 
 
 def build_val_loader(
-    data: DataSpec, *, rank: int, world_size: int, normalization: dict[str, Any], num_labels: int
+    data: DataSpec, *, rank: int, world_size: int, normalization: dict[str, Any], num_labels: int, sources: Any = None
 ) -> ValLoader:
-    """Un-augmented whole slices of this rank's contiguous share of the validation samples."""
-    shards = resolve_shards(data.val)
+    """Un-augmented whole slices of this rank's contiguous share of the validation samples.
+
+    With several sources, the index runs over every validation source's slices in source order (so
+    each is still seen exactly once) and a sample is ``(image, label, index in sources.val_sources)``.
+    """
     cfg = {"normalization": normalization, "num_labels": num_labels, "on_bad_sample": data.on_bad_sample}
-    return ValLoader(shards, shard_counts(data.val, shards), rank, world_size, cfg, data.num_workers)
+    if not data.multi_source:
+        shards = resolve_shards(data.val)
+        return ValLoader(shards, shard_counts(data.val, shards), rank, world_size, cfg, data.num_workers)
+    from hierseg.data.sources import resolve_sources
+
+    shards, counts, owners, cfgs = [], [], [], []
+    for k, src in enumerate((sources or resolve_sources(data)).val_sources):
+        try:
+            mine = resolve_shards(src.val)
+        except ValueError as e:
+            raise ValueError(f"data source {src.name!r} (data.val): {e}") from None
+        shards += mine
+        counts += shard_counts(src.val, mine)
+        owners += [k] * len(mine)
+        cfgs.append({**cfg, "num_labels": src.num_labels, "remap": src.remap})
+    return ValLoader(shards, counts, rank, world_size, cfg, data.num_workers, owners, cfgs)

@@ -136,9 +136,10 @@ class _BestOnOwner:
     def manifest(self, spec: JobSpec) -> dict[str, Any]:
         """The training manifest (read once; it does not change during a run)."""
         if not hasattr(self, "_manifest"):
-            from hierseg.data.loader import read_manifest
+            from hierseg.data.sources import resolve_sources
 
-            self._manifest = read_manifest(spec.data.train) or {}
+            # several sources: their merged set table and common label map stand for "the" manifest
+            self._manifest = resolve_sources(spec.data).training_record()
         return self._manifest
 
     def best_dir(self) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -40,7 +41,9 @@ def print_absolute_overrides(spec) -> None:
     from hierseg.train.launch import absolutize
 
     spec = absolutize(spec)
-    for key, value in [("data.train", spec.data.train), ("data.val", spec.data.val),
+    data = spec.data.model_dump(mode="json")  # a list of sources prints as a YAML flow value (JSON)
+    train, val = (v if isinstance(v, str) else json.dumps(v) for v in (data["train"], data["val"]))
+    for key, value in [("data.train", train), ("data.val", val),
                        ("run.storage_path", spec.run.storage_path), ("tracking.uri", spec.tracking.uri)]:  # fmt: skip
         print(f"{key}={value}")
     print(f"# results: checkpoints in {run_dir(spec)}, MLflow store {spec.tracking.uri}")

@@ -45,6 +45,13 @@ def _absolute(url: str) -> str:
     return str(Path(url).expanduser().absolute())
 
 
+def _absolute_data(value: Any) -> Any:
+    """A shard location, or every source's ``shards`` of a list of sources, made absolute."""
+    if isinstance(value, str):
+        return _absolute(value)
+    return [s.model_copy(update={"shards": _absolute(s.shards)}) for s in value]
+
+
 def absolutize(spec: JobSpec) -> JobSpec:
     """The spec with local data, storage and SQLite paths made absolute, so every worker agrees."""
     uri = spec.tracking.uri
@@ -52,7 +59,9 @@ def absolutize(spec: JobSpec) -> JobSpec:
         uri = "sqlite:///" + _absolute(uri.removeprefix("sqlite:///"))
     return spec.model_copy(
         update={
-            "data": spec.data.model_copy(update={"train": _absolute(spec.data.train), "val": _absolute(spec.data.val)}),
+            "data": spec.data.model_copy(
+                update={"train": _absolute_data(spec.data.train), "val": _absolute_data(spec.data.val)}
+            ),
             "run": spec.run.model_copy(update={"storage_path": _absolute(spec.run.storage_path)}),
             "tracking": spec.tracking.model_copy(update={"uri": uri}),
         }
@@ -63,11 +72,19 @@ def preflight_data_only(spec: JobSpec) -> None:
     """Make the synthetic shards when asked, and check that both shard sets resolve."""
     ensure_synthetic(spec.data)
     for field in ("train", "val"):
-        url = getattr(spec.data, field)
+        for source in spec.data.sources(field):
+            where = f"data.{field}" + (f" source {source.name!r}" if spec.data.multi_source else "")
+            try:
+                check_shard_indexes(source.shards, resolve_shards(source.shards))
+            except ValueError as e:
+                raise PreflightError(f"{where}: {e}") from None
+    if spec.data.multi_source:
+        from hierseg.data.sources import resolve_sources
+
         try:
-            check_shard_indexes(url, resolve_shards(url))
+            resolve_sources(spec.data)  # merged set table, per-source checks: fail before any worker starts
         except ValueError as e:
-            raise PreflightError(f"data.{field}: {e}") from None
+            raise PreflightError(str(e)) from None
 
 
 def preflight(spec: JobSpec) -> None:

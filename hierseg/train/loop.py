@@ -17,13 +17,13 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from hierseg.data import normalize
-from hierseg.data.labelmap import resolve_label_sets
-from hierseg.data.loader import build_train_loader, build_val_loader, read_manifest
-from hierseg.evaluate import run_eval, summarize
+from hierseg.data.loader import build_train_loader, build_val_loader
+from hierseg.data.sources import DataSources, resolve_sources
+from hierseg.evaluate import run_eval, run_eval_sources, summarize, summarize_sources
 from hierseg.infer import PredictOptions
 from hierseg.labels import NUM_FINE_CLASSES, Hierarchy, LabelSets, LabelSpace
 from hierseg.losses import LossTerms, hierarchical_loss
+from hierseg.metrics import EvalMetrics, all_reduce_metrics
 from hierseg.model import UNet, build_model, num_parameters
 from hierseg.spec import JobSpec
 from hierseg.tracking import MlflowTracker, NullTracker
@@ -64,6 +64,8 @@ class Job:
     """The training manifest's label map (what prediction decodes into)."""
     label_space: LabelSpace | None = None
     """The validation labels' space (``val/label/...``); ``None``: every fine class."""
+    sources: DataSources | None = None
+    """The run's data sources (one for a plain ``data.train`` string) with the merged set table."""
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -104,16 +106,14 @@ def build_job(spec: JobSpec, ctx: DistContext, run_id: str | None) -> Job:
     hierarchy = spec.hierarchy.build()
     model, train_model = _build_model(spec, ctx, hierarchy)
     optimizer = build_optimizer(spec.optim, model)
-    train_manifest, val_manifest = read_manifest(spec.data.train) or {}, read_manifest(spec.data.val)
-    sets_raw = None if spec.data.label_sets is None else [s.model_dump() for s in spec.data.label_sets]
-    label_sets = resolve_label_sets(sets_raw, train_manifest or None, val_manifest)
-    norm = normalize.resolve(spec.data.normalization, train_manifest.get("intensity"))
+    sources = resolve_sources(spec.data)  # every source's manifests checked, set tables merged
+    label_sets = sources.label_sets
+    norm = sources.normalization(spec.data.normalization)
     torch.manual_seed(spec.run.seed + 1000 + ctx.rank)  # per-rank stream for dropout and friends
     stream = build_train_loader(
         spec.data, rank=ctx.rank, world_size=ctx.world_size, batch_size=batch, seed=spec.run.seed,
-        normalization=norm, num_labels=NUM_FINE_CLASSES + len(label_sets),
+        normalization=norm, num_labels=NUM_FINE_CLASSES + len(label_sets), sources=sources,
     )  # fmt: skip
-    val_map = (val_manifest or {}).get("label_map")
     return Job(
         spec=spec,
         ctx=ctx,
@@ -130,8 +130,9 @@ def build_job(spec: JobSpec, ctx: DistContext, run_id: str | None) -> Job:
         label_sets=label_sets,
         set_table=label_sets.table().to(ctx.device) if len(label_sets) else None,
         normalization=norm,
-        label_map=train_manifest.get("label_map"),
-        label_space=LabelSpace.from_label_map(val_map, label_sets) if val_map else None,
+        label_map=sources.label_map,
+        label_space=sources.label_space(),
+        sources=sources,
     )
 
 
@@ -161,10 +162,13 @@ def train_step(job: Job, images: torch.Tensor, labels: torch.Tensor) -> LossTerm
     return terms
 
 
-def eval_options(job: Job) -> PredictOptions:
-    """``hierseg predict``'s defaults for this model: windows of the patch size, 1/8 overlap, its decoding."""
+def eval_options(job: Job, label_map: Any = None) -> PredictOptions:
+    """``hierseg predict``'s defaults for this model: windows of the patch size, 1/8 overlap, its decoding.
+
+    ``label_map``: decode for that source's labels (a multi-source run); default: the model's own.
+    """
     tile = job.spec.data.patch_size
-    decode = "labels" if len(job.label_sets) and job.label_map else "fine"
+    decode = "labels" if len(job.label_sets) and (label_map or job.label_map) else "fine"
     return PredictOptions(tile=tile, overlap=tile // 8, decode=decode, amp=job.autocast_dtype is not None)
 
 
@@ -181,18 +185,35 @@ def evaluate(job: Job) -> dict[str, float]:
     sync_buffers(job)
     batches = build_val_loader(
         job.spec.data, rank=ctx.rank, world_size=ctx.world_size, normalization=job.normalization,
-        num_labels=NUM_FINE_CLASSES + len(job.label_sets),
+        num_labels=NUM_FINE_CLASSES + len(job.label_sets), sources=job.sources,
     )  # fmt: skip
-    space = job.label_space
-    metrics, sample = run_eval(job.model, batches, job.hierarchy, ctx.device, eval_options(job), job.label_sets, space)
-    metrics.all_reduce()
-    summary = summarize(metrics, job.hierarchy, space)
+    if job.sources is not None and job.sources.multi:
+        metrics, summary, sample = _evaluate_sources(job, batches)
+    else:
+        space = job.label_space
+        opts = eval_options(job)
+        metrics, sample = run_eval(job.model, batches, job.hierarchy, ctx.device, opts, job.label_sets, space)
+        metrics.all_reduce()
+        summary = summarize(metrics, job.hierarchy, space)
     job.tracker.log_metrics(summary, job.step)
     job.tracker.log_eval_figures(metrics, sample, job.hierarchy, job.step)
     job.tracker.flush()
     job.last_eval = summary
     _update_best(job, summary)
     return summary
+
+
+def _evaluate_sources(job: Job, batches: Any) -> tuple[EvalMetrics, dict[str, float], Any]:
+    """Per-source counts (each source decoded in its own label space), reduced in one collective."""
+    val_sources = job.sources.val_sources
+    per_source = [(eval_options(job, (s.val_manifest or {}).get("label_map")), s.label_space()) for s in val_sources]
+    parts, sample = run_eval_sources(job.model, batches, job.hierarchy, job.ctx.device, per_source, job.label_sets)
+    all_reduce_metrics(parts)
+    together = EvalMetrics.summed(parts)
+    named = {s.name: m for s, m in zip(val_sources, parts, strict=True)}
+    spaces = {s.name: space for s, (_, space) in zip(val_sources, per_source, strict=True)}
+    summary = summarize_sources(named, job.hierarchy, spaces, together, job.label_space)
+    return together, summary, sample
 
 
 def _update_best(job: Job, summary: dict[str, float]) -> None:

@@ -1,0 +1,324 @@
+"""Several data sets in one run: spec, merged label-set table, mixed stream, per-source metrics, 2 gloo ranks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hierseg.data import shards
+from hierseg.data.loader import MixedTrainStream, TrainStream, build_train_loader, build_val_loader
+from hierseg.data.sources import resolve_sources
+from hierseg.labels import FINE_CLASSES, LabelSets
+from hierseg.spec import SpecError, validate_spec
+from tests.data_helpers import write_pairs
+from tests.dist_utils import run_ranks
+from tests.train_utils import TRAIN, mlflow_runs, tiny_spec, write_spec
+
+NORM = {"mode": "zscore"}
+NOT_MITO = {"not": ["mitochondria"]}
+MAPS = {
+    # srf_tem-like: axon and myelin traced, everything else uncertain
+    "srf": {"mapping": {3: "axon", 6: "myelin", 255: "uncertain"}, "unmapped": "uncertain"},
+    # a binary mitochondria mask: every other value is "anything but mitochondria"
+    "mito": {"mapping": {10: "mitochondria", 255: "uncertain", **{v: NOT_MITO for v in range(12) if v != 10}}},
+    # vnc_sstem-like sets, so that the mito source's set id 12 has to move in the merged table
+    "vnc": {
+        "mapping": {5: ["glia", "extracellular space"], 2: "neuron_part", 10: "mitochondria", 255: "uncertain"},
+        "unmapped": "uncertain",
+    },
+}
+
+
+def _build(root: Path, name: str, seed: int, *extra: str) -> Path:
+    src = root / f"{name}_raw"
+    write_pairs(src, 6, size=64, seed=seed)
+    (root / f"{name}.yaml").write_text(json.dumps(MAPS[name]))  # JSON is YAML
+    out = root / name
+    args = ["--images", str(src / "images"), "--labels", str(src / "labels"), "--out", str(out)]
+    assert shards.main([*args, "--label-map", str(root / f"{name}.yaml"), "--val-frac", "0.34", *extra]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("multi")
+    for seed, name in enumerate(("srf", "mito", "vnc"), start=1):
+        _build(root, name, seed)
+    return root
+
+
+def _manifest(root: Path, name: str, split: str) -> dict:
+    return json.loads((root / name / split / "manifest.json").read_text())
+
+
+def _sources(root: Path, *names: str, weights: tuple[float, ...] = ()) -> dict:
+    w = weights or (1.0,) * len(names)
+    train = [{"name": n, "shards": str(root / n / "train"), "weight": x} for n, x in zip(names, w)]
+    val = [{"name": n, "shards": str(root / n / "val")} for n in names]
+    return {"train": train, "val": val}
+
+
+def _data_spec(root: Path, *names: str, **data):
+    raw = tiny_spec(root, root, data={**_sources(root, *names), "synthetic": None, **data})
+    raw["data"].pop("synthetic")
+    return validate_spec(raw)
+
+
+# ---------------------------------------------------------------------------------------------- spec
+def _src(name: str = "a", **kw) -> dict:
+    return {"name": name, "shards": "x", **kw}
+
+
+@pytest.mark.parametrize(
+    "train, val, match",
+    [
+        ([_src(weight=0)], [_src()], r"data\.train\.0\.weight: Input should be greater than 0 \(got 0\)"),
+        ([_src(weight=-1)], [_src()], r"data\.train\.0\.weight: Input should be greater than 0 \(got -1\)"),
+        ([_src(wieght=2)], [_src()], r"data\.train\.0\.wieght: unknown field; did you mean weight"),
+        ([_src()], [_src(weight=1)], r"data\.val\.0\.weight: unknown field; allowed keys: name, shards"),
+        ([_src(), _src()], [_src()], r"data\.train: source name 'a' is used twice"),
+        ([_src()], "y", r"data: data\.train and data\.val must take the same form"),
+        ([_src()], [_src("b")], r"data\.val source 'b' is not a data\.train source"),
+        ([_src("a/b")], [_src("a/b")], r"data\.train\.0\.name: 'a/b': a source name holds"),
+        ([_src("label")], [_src("label")], r"source name 'label' is reserved"),
+        ([_src("coarse")], [_src("coarse")], r"has the name of a hierarchy level"),
+        ([{"shards": "x"}], [_src()], r"data\.train\.0\.name: required field is missing"),
+        (_src(), "y", r"data\.train: must be a shard location \(a string\) or a list of sources"),
+        ([], [], r"data\.train: the list of sources is empty"),
+    ],
+)
+def test_source_spec_errors_name_the_field(train, val, match) -> None:
+    raw = {"data": {"train": train, "val": val, "batch_size": 2}, "run": {"max_steps": 1, "num_workers": 1}}
+    with pytest.raises(SpecError, match=match):
+        validate_spec(raw)
+
+
+def test_sources_spec_defaults_and_single_string(data) -> None:
+    """A missing val source is allowed; weight defaults to 1; one string is the single source 'default'."""
+    spec = _data_spec(data, "srf", "mito")
+    assert [(s.name, s.weight) for s in spec.data.sources("train")] == [("srf", 1.0), ("mito", 1.0)]
+    raw = spec.model_dump(mode="json")
+    raw["data"]["val"] = raw["data"]["val"][:1]
+    del raw["data"]["train"][1]["weight"]
+    again = validate_spec(raw)
+    assert again.data.multi_source and [s.name for s in again.data.sources("val")] == ["srf"]
+    assert resolve_sources(again.data).val_sources[0].name == "srf"
+    one = validate_spec(tiny_spec(data / "srf", data))
+    assert not one.data.multi_source and one.data.sources("train")[0].name == "default"
+
+
+# ------------------------------------------------------------------------------------- merged table
+def test_merged_table_remaps_each_source(data) -> None:
+    """vnc's two sets keep ids 12, 13; mito's own id 12 (not mitochondria) becomes 14 when decoded."""
+    spec = _data_spec(data, "vnc", "mito", "srf")
+    sources = resolve_sources(spec.data)
+    assert sources.label_sets.names == ("glia_or_extracellular_space", "neuron_part", "not_mitochondria")
+    vnc, mito, srf = sources.sources
+    assert mito.sets.names == ("not_mitochondria",) and mito.remap.tolist() == [-1, *range(12), 14]
+    assert vnc.remap.tolist() == [-1, *range(14)] and srf.remap.tolist() == [-1, *range(12)]
+    assert [v.name for v in mito.label_space().values] == ["mitochondria", "not_mitochondria"]
+    assert [v.stored_id for v in mito.label_space().values] == [10, 14]
+    val = build_val_loader(spec.data, rank=0, world_size=1, normalization=NORM, num_labels=15, sources=sources)
+    seen = {k: [] for k in range(3)}
+    for _, label, k in val:
+        seen[k].append(label)
+    for k, (src, name) in enumerate(zip(sources.sources, ("vnc", "mito", "srf"))):
+        labels = torch.cat([y.reshape(-1) for y in seen[k]])
+        manifest = _manifest(data, name, "val")
+        assert len(seen[k]) == manifest["num_samples"]  # every slice exactly once
+        assert (
+            torch.bincount(labels[(labels >= 0) & (labels < 12)], minlength=12).tolist() == manifest["class_histogram"]
+        )
+        allowed = {-1, *(int(src.remap[1 + c]) for c in range(src.num_labels))}
+        assert set(labels.unique().tolist()) <= allowed
+    assert set(torch.cat([y.reshape(-1) for y in seen[1]]).unique().tolist()) == {-1, 10, 14}
+
+
+def test_explicit_label_sets_order_the_table_and_must_cover_every_source(data) -> None:
+    table = [
+        {"name": "not_mitochondria", "classes": [c for c in FINE_CLASSES if c != "mitochondria"]},
+        {"name": "glia_or_extracellular_space", "classes": ["glia", "extracellular space"]},
+        {"name": "neuron_part", "classes": ["dendrite", "axon", "soma"]},
+    ]
+    sources = resolve_sources(_data_spec(data, "vnc", "mito", label_sets=table).data)
+    assert sources.label_sets.names == tuple(t["name"] for t in table)
+    assert sources.sources[0].remap[13:].tolist() == [13, 14] and sources.sources[1].remap[13] == 12
+    with pytest.raises(ValueError, match=r"data source 'vnc': its manifest's label set 'neuron_part' .* is not in "):
+        resolve_sources(_data_spec(data, "vnc", "mito", label_sets=table[:2]).data)
+
+
+def _copy_with(data: Path, name: str, new: str, edit) -> None:
+    """A copy of a source's shards whose manifests are changed by ``edit(manifest, split)``."""
+    shutil.rmtree(data / new, ignore_errors=True)
+    shutil.copytree(data / name, data / new)
+    for split in ("train", "val"):
+        path = data / new / split / "manifest.json"
+        m = json.loads(path.read_text())
+        edit(m, split)
+        path.write_text(json.dumps(m))
+
+
+def test_bad_sources_are_clear_errors_naming_the_source(data) -> None:
+    """Disagreeing set tables, a set id table that does not fit, and a source without one valid pixel."""
+
+    def blank(m, _split):  # the shard builder refuses such a split; a hand-made or foreign manifest need not
+        m["class_histogram"] = [0] * 12
+        m["set_histogram"] = [0] * len(m["label_sets"])
+
+    _copy_with(data, "mito", "blank", blank)
+    with pytest.raises(ValueError, match=r"data source 'blank' training manifest: no valid pixel"):
+        resolve_sources(_data_spec(data, "srf", "blank").data)
+
+    def rename(m, _split):  # the mito set's name now means {glia, extracellular space} in vnc's terms
+        m["label_sets"][0]["name"] = "glia_or_extracellular_space"
+
+    _copy_with(data, "mito", "mito_renamed", rename)
+    with pytest.raises(ValueError, match=r"data source 'mito_renamed': .*'glia_or_extracellular_space' is .* but "
+                                         r"data source 'vnc' names"):  # fmt: skip
+        resolve_sources(_data_spec(data, "vnc", "mito_renamed").data)
+
+    def split_differs(m, split):
+        if split == "val":
+            m["label_sets"] = []
+            m["set_histogram"] = []
+
+    _copy_with(data, "mito", "mito_split", split_differs)
+    with pytest.raises(ValueError, match=r"data source 'mito_split': its training and validation manifests"):
+        resolve_sources(_data_spec(data, "srf", "mito_split").data)
+
+    def short_histogram(m, _split):
+        m["set_histogram"] = []
+
+    _copy_with(data, "mito", "mito_hist", short_histogram)
+    with pytest.raises(ValueError, match=r"data source 'mito_hist' training manifest: set_histogram has 0 entries"):
+        resolve_sources(_data_spec(data, "srf", "mito_hist").data)
+
+
+# ---------------------------------------------------------------------------------------- the stream
+def _source_of(label: torch.Tensor) -> str:
+    values = set(label.unique().tolist()) - {-1}
+    return "srf" if values <= {3, 6} else "mito" if values <= {10, 12} else "?"
+
+
+def test_mixed_stream_draws_by_weight_and_resumes_exactly(data) -> None:
+    """Weights 3:1; a stream stopped after 3 batches and restored continues bit-identically; 2 ranks never run dry."""
+    spec = _data_spec(data, "srf", "mito", num_workers=2, shuffle_buffer=4, patch_size=32)
+    spec.data.train[0].weight = 3.0
+    sources = resolve_sources(spec.data)
+    kw = {"world_size": 2, "batch_size": 4, "seed": 5, "normalization": NORM, "num_labels": 13, "sources": sources}
+    full = build_train_loader(spec.data, rank=0, **kw)
+    assert isinstance(full, MixedTrainStream)
+    it = iter(full)
+    want = [next(it) for _ in range(8)]
+    drawn = [_source_of(y) for _, y in want for y in y]
+    assert "?" not in drawn and 0.55 < drawn.count("srf") / len(drawn) < 0.95 and "mito" in drawn
+    part = build_train_loader(spec.data, rank=0, **kw)
+    it = iter(part)
+    for _ in range(3):
+        next(it)
+    state = json.loads(json.dumps(part.state_dict()))  # plain data, as checkpoints store it
+    assert state["sources"] == ["srf", "mito"] and len(state["positions"][0][2]) == 2
+    resumed = build_train_loader(spec.data, rank=0, **kw)
+    resumed.load_state_dict(state)
+    it = iter(resumed)
+    for x_want, y_want in want[3:]:
+        x, y = next(it)
+        assert torch.equal(x, x_want) and torch.equal(y, y_want)
+    other = iter(build_train_loader(spec.data, rank=1, **kw))
+    batches = [next(other) for _ in range(8)]  # more samples than rank 1's share of either source's shards
+    assert not torch.equal(batches[0][0], want[0][0])
+    srf_epochs = [pos[0][0] for _, _, pos in full.state_dict()["positions"]]
+    assert min(srf_epochs) >= 1  # the 3x source has cycled its shards: sources never end
+
+
+# --------------------------------------------------------------------------------------- 2 gloo ranks
+def _rank_job(rank: int, world: int, raw: dict):
+    from hierseg.spec import JobSpec
+    from hierseg.train.context import DistContext
+    from hierseg.train.loop import build_job, evaluate, train_step
+
+    spec = JobSpec.model_validate(raw)
+    job = build_job(spec, DistContext(rank, world, rank, torch.device("cpu"), "local", False), None)
+    images, labels = next(iter(job.stream))
+    terms = train_step(job, images, labels)
+    grads = [p.grad.clone() for p in job.model.parameters()]
+    return images, labels, grads, [t.detach().clone() for t in terms], evaluate(job)
+
+
+def _two_source_spec(data: Path, work: Path) -> dict:
+    raw = tiny_spec(data, work, data={**_sources(data, "srf", "mito"), "patch_size": 32, "shuffle_buffer": 4},
+                    optim={"grad_clip": None, "warmup_steps": 0}, run={"max_steps": 4, "eval_every": 4})  # fmt: skip
+    raw["data"].pop("synthetic")
+    return raw
+
+
+def test_two_sources_train_on_two_gloo_ranks_with_global_normalisation(data, tmp_path) -> None:
+    """One step on 2 ranks equals one process on both batches; evaluation: per source and together."""
+    from hierseg.losses import hierarchical_loss
+    from hierseg.model import build_model
+    from hierseg.spec import JobSpec
+
+    raw = _two_source_spec(data, tmp_path)
+    results = run_ranks(2, _rank_job, raw)
+    spec = JobSpec.model_validate(raw)
+    sources = resolve_sources(spec.data)
+    torch.manual_seed(spec.run.seed)
+    model = build_model(spec.model, spec.hierarchy.build())
+    images = torch.cat([r[0] for r in results])
+    labels = torch.cat([r[1] for r in results])
+    fine, coarse = model(images)
+    luts = spec.hierarchy.build().luts()
+    ref = hierarchical_loss(fine, coarse, labels, luts, spec.lambdas(), label_sets=sources.label_sets.table())
+    ref.loss.backward()
+    for _, _, grads, terms, _ in results:
+        for g, p in zip(grads, model.parameters(), strict=True):
+            torch.testing.assert_close(g, p.grad, atol=2e-6, rtol=1e-4)
+        torch.testing.assert_close(terms[1], ref.loss_fine, atol=1e-6, rtol=1e-5)
+        assert int(terms[3]) == int((labels >= 0).sum())
+    summary = results[0][4]
+    assert results[1][4] == summary  # one reduction: every rank holds the same figures
+    hist = {n: sum(_manifest(data, n, "val")["class_histogram"]) for n in ("srf", "mito")}
+    assert summary["val/srf/num_valid"] == hist["srf"] and summary["val/mito/num_valid"] == hist["mito"]
+    assert summary["val/num_valid"] == hist["srf"] + hist["mito"]
+    assert {"val/srf/label/iou/axon", "val/srf/label/iou/myelin", "val/mito/label/iou/mitochondria"} <= set(summary)
+    assert "val/srf/label/iou/mitochondria" not in summary  # srf is scored in its own label space
+    assert "val/mito/set_accuracy/not_mitochondria" in summary and "val/fine/miou" in summary
+
+
+@pytest.mark.timeout(400)
+def test_torchrun_two_sources_logs_per_source_metrics(data, tmp_path) -> None:
+    """The real train CLI under torchrun (2 gloo ranks): one MLflow run with val/<source>/... and val/..."""
+    raw = _two_source_spec(data, tmp_path)
+    raw["tracking"]["log_model"] = False
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TRAIN]
+    out = subprocess.run([*cmd, "--spec", str(write_spec(raw, tmp_path / "s.yaml"))], capture_output=True,
+                         text=True, timeout=380)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run,) = mlflow_runs(raw["tracking"]["uri"])
+    m = run.data.metrics
+    hist = {n: sum(_manifest(data, n, "val")["class_histogram"]) for n in ("srf", "mito")}
+    assert m["val/num_valid"] == hist["srf"] + hist["mito"] and m["val/mito/num_valid"] == hist["mito"]
+    assert "val/srf/label/iou/axon" in m and "val/mito/label/iou/mitochondria" in m and "val/label/miou" in m
+
+
+# ----------------------------------------------------------------------------------- single location
+def test_single_location_takes_the_old_path(data) -> None:
+    """One shard location: the plain stream and positions, no remapping, the manifest's table, no source keys."""
+    spec = validate_spec(tiny_spec(data / "mito", data, data={"synthetic": None}))
+    sources = resolve_sources(spec.data)
+    assert not sources.multi and sources.sources[0].remap is None
+    assert sources.label_sets == LabelSets.from_config(_manifest(data, "mito", "train")["label_sets"])
+    assert sources.training_record() == _manifest(data, "mito", "train")
+    stream = build_train_loader(spec.data, rank=0, world_size=1, batch_size=2, seed=0, normalization=NORM,
+                                num_labels=13)  # fmt: skip
+    assert type(stream) is TrainStream
+    _, y = next(iter(stream))
+    assert set(y.unique().tolist()) <= {-1, 10, 12}
+    assert np.array(stream.state_dict()["positions"]).shape == (1, 3)
