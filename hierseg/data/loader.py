@@ -424,21 +424,25 @@ class TrainStream:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a position; exact when rank/world/workers/seed match, else restart at the saved epoch."""
-        same = all(state.get(k) == v for k, v in self._layout().items())
-        if same:
+        """Restore a position; exact when the layout matches, else restart at the saved epoch."""
+        if all(state.get(k) == v for k, v in self._layout().items()):
             self.batches = int(state["batches"])
-            self.positions = {int(lw): (int(e), int(p)) for lw, e, p in state["positions"]}
+            self.positions = self._parse_positions(state["positions"])
             return
+        saved = {k: state.get(k) for k in self._layout()}
         warnings.warn(
-            f"loader state was saved with {state.get('world_size')} ranks x {state.get('logical_workers')} "
-            f"workers (seed {state.get('seed')}); now {self._layout()}: resuming at the start of epoch "
+            f"loader state was saved with {saved}; now {self._layout()}: resuming at the start of epoch "
             f"{state.get('epoch', 0)}, not at the exact sample",
             stacklevel=2,
         )
-        epoch = int(state.get("epoch", 0))
         self.batches = int(state.get("batches", 0))
-        self.positions = {lw: (epoch, 0) for lw in range(self.logical_workers)}
+        self.positions = self._restart_positions(int(state.get("epoch", 0)))
+
+    def _parse_positions(self, saved: list) -> dict[int, Any]:
+        return {int(lw): (int(e), int(p)) for lw, e, p in saved}
+
+    def _restart_positions(self, epoch: int) -> dict[int, Any]:
+        return {lw: (epoch, 0) for lw in range(self.logical_workers)}
 
     def _layout(self) -> dict[str, int]:
         keys = ("world_size", "seed")
@@ -556,23 +560,11 @@ class MixedTrainStream(TrainStream):
         state["positions"] = [[lw, j, [list(p) for p in pos]] for lw, (j, pos) in sorted(self.positions.items())]
         return state | {"sources": [s["name"] for s in self.sources]}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Exact when layout and source names match; else every source restarts at the saved epoch."""
-        if all(state.get(k) == v for k, v in self._layout().items()):
-            self.batches = int(state["batches"])
-            self.positions = {
-                int(lw): (int(j), [(int(e), int(i)) for e, i in pos]) for lw, j, pos in state["positions"]
-            }
-            return
-        warnings.warn(
-            f"loader state was saved with sources {state.get('sources')}, {state.get('world_size')} ranks x "
-            f"{state.get('logical_workers')} workers (seed {state.get('seed')}); now {self._layout()}: resuming at "
-            f"the start of epoch {state.get('epoch', 0)}, not at the exact sample",
-            stacklevel=2,
-        )
-        epoch = int(state.get("epoch", 0))
-        self.batches = int(state.get("batches", 0))
-        self.positions = {lw: (0, [(epoch, 0)] * len(self.sources)) for lw in range(self.logical_workers)}
+    def _parse_positions(self, saved: list) -> dict[int, Any]:
+        return {int(lw): (int(j), [(int(e), int(i)) for e, i in pos]) for lw, j, pos in saved}
+
+    def _restart_positions(self, epoch: int) -> dict[int, Any]:
+        return {lw: (0, [(epoch, 0)] * len(self.sources)) for lw in range(self.logical_workers)}
 
     def _layout(self) -> dict[str, Any]:
         return super()._layout() | {"sources": [s["name"] for s in self.sources]}
