@@ -69,6 +69,12 @@ def class_index(name: str | int) -> int:
     return _CLASS_INDEX[key]
 
 
+def first_duplicate(names: Sequence[str]) -> str | None:
+    """The alphabetically first name that occurs twice (errors name one culprit, deterministically)."""
+    dup = sorted({n for n in names if names.count(n) > 1})
+    return dup[0] if dup else None
+
+
 def metric_name(name: str) -> str:
     """A class or group name as used in metric keys (``myelin inner tongue`` -> ``myelin_inner_tongue``)."""
     return _norm(name).replace(" ", "_")
@@ -100,10 +106,9 @@ class Hierarchy:
     def __init__(self, levels: Sequence[Level]):
         if not levels:
             raise ValueError("hierarchy.levels is empty: give at least one level of groups")
-        names = [lv.name for lv in levels]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"hierarchy level name {dup[0]!r} is used twice; level names must be unique")
+        dup = first_duplicate([lv.name for lv in levels])
+        if dup is not None:
+            raise ValueError(f"hierarchy level name {dup!r} is used twice; level names must be unique")
         self.levels: tuple[Level, ...] = tuple(levels)
 
     @classmethod
@@ -245,9 +250,9 @@ class LabelSets:
     def __post_init__(self) -> None:
         if len(self.names) != len(self.members):
             raise ValueError("label sets: one name per set of fine classes")
-        dup = sorted({n for n in self.names if self.names.count(n) > 1})
-        if dup:
-            raise ValueError(f"label set name {dup[0]!r} is used twice; label set names must be unique")
+        dup = first_duplicate(self.names)
+        if dup is not None:
+            raise ValueError(f"label set name {dup!r} is used twice; label set names must be unique")
         for name, members in zip(self.names, self.members, strict=True):
             check_set_members(name, members)
 

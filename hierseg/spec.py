@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from hierseg.labels import DEFAULT_GROUPS, Hierarchy, LabelSets
+from hierseg.labels import DEFAULT_GROUPS, Hierarchy, LabelSets, first_duplicate
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -201,9 +201,9 @@ class DataSpec(_Strict):
         if not v:
             raise ValueError("the list of sources is empty; give at least one {name, shards} (or one shard location)")
         names = [s.name for s in v]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"source name {dup[0]!r} is used twice; source names must be unique")
+        dup = first_duplicate(names)
+        if dup is not None:
+            raise ValueError(f"source name {dup!r} is used twice; source names must be unique")
         reserved = [n for n in names if n in RESERVED_SOURCE_NAMES or n == DEFAULT_SOURCE]
         if reserved:
             raise ValueError(
