@@ -110,6 +110,7 @@ class Config:
     depth: int
     quick: bool
     hierseg_set: list[str] = field(default_factory=list)
+    sides: tuple[str, ...] = ("hierseg", "bare")  # an ablation may rerun hierseg alone
 
 
 @dataclass
@@ -334,16 +335,18 @@ def run_dataset(ds: DataSet, cfg: Config, work: Path, env: dict[str, str]) -> di
     held_images, held_labels = [read_image(p.image) for p in held], [read_image(p.label) for p in held]
     print(f"[bench] {ds.title}: shards built in {time.perf_counter() - t0:.0f} s; train {len(train)} images "
           f"({describe(train)}), held out {len(held)} ({describe(held)})", flush=True)  # fmt: skip
-    sides: dict[str, list[dict]] = {"hierseg": [], "bare": []}
+    sides: dict[str, list[dict]] = {side: [] for side in cfg.sides}
     for seed in cfg.seeds:
-        h = run_hierseg(ds, cfg, spec, seed, work, env, held_dir)
-        if len(h["fine"]) != len(held):
-            raise BenchError(f"predict wrote {len(h['fine'])} slices for {len(held)} held-out images")
-        masks = [{c[0]: f == c[2] for c in ds.classes} for f in h["fine"]]
-        sides["hierseg"].append(_seed_record(seed, score(ds, masks, held_labels), h))
-        b = run_bare(ds, cfg, seed, train_data, held_images)
-        masks = [{c[0]: p == c[3] for c in ds.classes} for p in b["preds"]]
-        sides["bare"].append(_seed_record(seed, score(ds, masks, held_labels), b))
+        if "hierseg" in sides:
+            h = run_hierseg(ds, cfg, spec, seed, work, env, held_dir)
+            if len(h["fine"]) != len(held):
+                raise BenchError(f"predict wrote {len(h['fine'])} slices for {len(held)} held-out images")
+            masks = [{c[0]: f == c[2] for c in ds.classes} for f in h["fine"]]
+            sides["hierseg"].append(_seed_record(seed, score(ds, masks, held_labels), h))
+        if "bare" in sides:
+            b = run_bare(ds, cfg, seed, train_data, held_images)
+            masks = [{c[0]: p == c[3] for c in ds.classes} for p in b["preds"]]
+            sides["bare"].append(_seed_record(seed, score(ds, masks, held_labels), b))
         print(
             f"[bench] {ds.key} seed {seed}: " + "; ".join(_brief(side, r[-1]) for side, r in sides.items()), flush=True
         )
@@ -368,6 +371,7 @@ def _seed_record(seed: int, scores: dict, run: dict) -> dict:
 def summarize(ds: DataSet, sides: dict[str, list[dict]]) -> dict:
     """Mean, per-seed values, spread and mean worst image per class and side; hierseg - bare; speeds."""
     out: dict = {"classes": {}}
+    both = len(sides) == 2
     for name, *_ in ds.classes:
         row = {}
         for side, runs in sides.items():
@@ -375,11 +379,12 @@ def summarize(ds: DataSet, sides: dict[str, list[dict]]) -> dict:
             row[side] = {"mean": float(np.mean(values)), "per_seed": values,
                          "spread": float(np.max(values) - np.min(values)),
                          "worst_image": float(np.mean([r["worst"][name] for r in runs]))}  # fmt: skip
-        row["diff"] = row["hierseg"]["mean"] - row["bare"]["mean"]
-        row["worst_diff"] = row["hierseg"]["worst_image"] - row["bare"]["worst_image"]
+        if both:
+            row["diff"] = row["hierseg"]["mean"] - row["bare"]["mean"]
+            row["worst_diff"] = row["hierseg"]["worst_image"] - row["bare"]["worst_image"]
         out["classes"][name] = row
     speed = {side: float(np.mean([r["patches_per_s"] for r in runs])) for side, runs in sides.items()}
-    out["patches_per_s"] = speed | {"ratio": speed["hierseg"] / speed["bare"]}
+    out["patches_per_s"] = speed | ({"ratio": speed["hierseg"] / speed["bare"]} if both else {})
     return out
 
 
@@ -390,12 +395,16 @@ def print_dataset(ds: DataSet, cfg: Config, result: dict) -> None:
           f"{cfg.depth}; seeds {','.join(map(str, cfg.seeds))}")  # fmt: skip
     print(f"{'class':<14}{'side':<9}{'mean IoU':>9}{'spread':>8}{'worst img':>10}   per seed")
     for name, row in s["classes"].items():
-        for side in ("hierseg", "bare"):
+        for side in cfg.sides:
             r = row[side]
             seeds = " ".join(f"{v:.3f}" for v in r["per_seed"])
             print(f"{name:<14}{side:<9}{r['mean']:>9.3f}{r['spread']:>8.3f}{r['worst_image']:>10.3f}   {seeds}")
-        print(f"{name:<14}{'diff':<9}{row['diff']:>+9.3f}{'':>8}{row['worst_diff']:>+10.3f}   (hierseg - bare)")
+        if "diff" in row:
+            print(f"{name:<14}{'diff':<9}{row['diff']:>+9.3f}{'':>8}{row['worst_diff']:>+10.3f}   (hierseg - bare)")
     v = s["patches_per_s"]
+    if "ratio" not in v:
+        print(f"{'patches/s':<14}" + "   ".join(f"{side} {rate:.1f}" for side, rate in v.items()))
+        return
     print(f"{'patches/s':<14}hierseg {v['hierseg']:.1f} (Ray, 2 workers x 1 thread)   bare {v['bare']:.1f} "
           f"(1 process x 2 threads)   ratio {v['ratio']:.2f}x")  # fmt: skip
 
@@ -410,15 +419,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path | None]:
         ap.add_argument(f"--{flag.replace('_', '-')}", type=int, help=f"default {FULL[flag]} ({QUICK[flag]} quick)")
     ap.add_argument("--hierseg-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra --set for hierseg's train.py (ablations), repeatable")  # fmt: skip
+    ap.add_argument("--sides", default="hierseg,bare",
+                    help="comma list of hierseg,bare (an ablation reruns one side; a claim needs both)")  # fmt: skip
     ap.add_argument("--out", type=Path, help="work folder to keep (default: a temporary folder)")
     args = ap.parse_args(argv)
     base = QUICK if args.quick else FULL
     pick = {k: getattr(args, k) if getattr(args, k) is not None else base[k] for k in FULL}
     cfg = Config([d.strip() for d in pick.pop("datasets").split(",") if d.strip()],
                  [int(s) for s in pick.pop("seeds").split(",")], **pick, quick=args.quick,
-                 hierseg_set=args.hierseg_set)  # fmt: skip
+                 hierseg_set=args.hierseg_set,
+                 sides=tuple(s.strip() for s in args.sides.split(",") if s.strip()))  # fmt: skip
     if unknown := set(cfg.datasets) - set(DATASETS):
         ap.error(f"unknown data set(s) {sorted(unknown)}; choose from {', '.join(DATASETS)}")
+    if not cfg.sides or set(cfg.sides) - {"hierseg", "bare"}:
+        ap.error(f"--sides takes hierseg and/or bare, not {args.sides!r}")
     if cfg.batch % 2:
         ap.error("--batch must be even: hierseg splits it over its 2 workers")
     return cfg, args.out

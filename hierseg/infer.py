@@ -231,6 +231,23 @@ class Predictor:
             normalization=self.normalization, label_space=self.label_space,
         )  # fmt: skip
 
+    def decoding_into(self, label_map_path: str) -> Predictor:
+        """This model decoding into another label map's values (``--label-map``): a model trained on several
+        sources, or on fine labels, scored in the label space of one data set (a binary mask's
+        "mitochondria vs the rest")."""
+        import dataclasses
+
+        from hierseg.data.labelmap import LabelMap
+
+        try:
+            lm = LabelMap.from_yaml(label_map_path)
+        except ValueError as e:
+            raise PredictError(str(e)) from None
+        space = LabelSpace.from_label_map(lm.to_manifest(), lm.sets)
+        if not len(space):
+            raise PredictError(f"--label-map {label_map_path}: every value maps to uncertain; nothing to decode into")
+        return dataclasses.replace(self, label_sets=lm.sets, label_space=space)
+
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Predictor:
         from hierseg.pyfunc import model_from_state
@@ -339,6 +356,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="a coarse group at or above this restricts the fine label")  # fmt: skip
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     ap.add_argument("--no-amp", action="store_true", help="no bf16 autocast on GPU")
+    ap.add_argument("--label-map", default=None,
+                    help="decode into this label map's values (with --decode labels, the default then) instead of "
+                         "the training one's: e.g. a multi-source model on one source's labels")  # fmt: skip
     ap.add_argument("--overwrite", action="store_true", help="replace hierseg's earlier outputs at --output")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap.parse_args(argv)
@@ -377,8 +397,11 @@ def main(argv: list[str] | None = None) -> int:
         check_not_input(args.output, args.input)
         source = open_input(args.input)
         predictor = load_predictor(args.model, args.tracking_uri)
+        if args.label_map:
+            predictor = predictor.decoding_into(args.label_map)
         opts = default_options(
-            predictor, tile=args.tile, overlap=args.overlap, batch=args.batch, decode=args.decode,
+            predictor, tile=args.tile, overlap=args.overlap, batch=args.batch,
+            decode=args.decode or ("labels" if args.label_map else None),
             fine_threshold=args.fine_threshold, coarse_threshold=args.coarse_threshold, device=args.device,
             amp=not args.no_amp,
         )  # fmt: skip

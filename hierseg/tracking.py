@@ -429,14 +429,33 @@ def git_commit() -> str:
         return "unknown"
 
 
+def experiment_id(client: Any, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created if missing."""
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp is not None else create_experiment(client, name, uri)
+
+
+def create_experiment(client: Any, name: str, uri: str) -> str:
+    """Create experiment ``name``; if it already exists, its id. The jobs of a Slurm array start together
+    and race to create it: the loser reads the winner's experiment instead of failing."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name, artifact_location(uri))
+    except MlflowException as e:
+        exp = client.get_experiment_by_name(name)
+        if exp is None or e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return exp.experiment_id
+
+
 def start_run(spec: JobSpec, launcher: str) -> str:
     """Create (or reuse, on resume) the job's one MLflow run; log params, tags and the spec."""
     from mlflow.tracking import MlflowClient
 
     uri = spec.tracking.uri
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(spec.tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(spec.tracking.experiment, artifact_location(uri))
+    exp_id = experiment_id(client, spec.tracking.experiment, uri)
     tags = {
         "hierseg.version": __version__,
         "hierseg.git_commit": git_commit(),

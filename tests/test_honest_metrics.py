@@ -132,3 +132,12 @@ def test_logged_label_iou_equals_predict_then_by_hand(tmp_path: Path) -> None:
     by_hand = _by_hand_iou(fine[scored], labels[scored] == MITO, fine[scored] == MITO)
     assert logged == pytest.approx(by_hand, abs=1e-9)
     assert (pred_dir / "label_values.tif").is_file()  # a set-trained model decodes in its label space
+    # --label-map: the same decision in another map's codes (a 0/1 mask's), as a joint model is scored
+    (tmp_path / "mask.yaml").write_text("mapping:\n  1: mitochondria\n  0: {not: [mitochondria]}\n")
+    assert predict(["--model", str(tmp_path / "runs" / "t" / "best"), "--input", str(val_images),
+                    "--output", str(tmp_path / "pred01"), "--label-map", str(tmp_path / "mask.yaml"),
+                    "--quiet"]) == 0  # fmt: skip
+    values01 = tifffile.imread(tmp_path / "pred01" / "label_values.tif")
+    assert set(np.unique(values01)) <= {0, 1}
+    assert np.array_equal(values01 == 1, tifffile.imread(pred_dir / "label_values.tif") == MITO)
+    assert np.array_equal(tifffile.imread(tmp_path / "pred01" / "fine_labels.tif") == MITO, values01 == 1)

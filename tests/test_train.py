@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -124,7 +125,8 @@ def test_bad_spec_exits_2_with_field_path(tmp_path):
 @pytest.mark.slow
 def test_ray_two_workers_and_sigkill_recovery(shards, tmp_path):
     """Ray Train, 2 CPU workers: a worker killed with SIGKILL mid-run is restarted from the latest
-    checkpoint; the run reaches max_steps with a single MLflow run."""
+    checkpoint; the run reaches max_steps with a single MLflow run, without Ray Train's per-report
+    chatter; a worker's error reaches the console as hierseg's one line."""
     spec = tiny_spec(
         shards,
         tmp_path,
@@ -155,6 +157,14 @@ def test_ray_two_workers_and_sigkill_recovery(shards, tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.metrics["val/num_valid"] == _val_valid_pixels(shards)
     assert run.data.tags["hierseg.launcher"] == "ray"
+    assert "Reporting training result" not in log and "Checkpoint successfully created" not in log
+    # a worker's error (here a loss blown up by the learning rate) ends the run as hierseg's one line
+    out = subprocess.run([sys.executable, TRAIN, "--spec", str(tmp_path / "s.yaml"), "--set", "run.resume=false",
+                          "--set", "optim.lr=1e30", "--set", "run.max_failures=0"], capture_output=True, text=True,
+                         timeout=400, env=ray_env())  # fmt: skip
+    assert out.returncode == 1, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert re.match(r"hierseg train: FloatingPointError: non-finite loss at step \d+: ", last), last
 
 
 def test_non_finite_loss_stops_naming_the_step(shards, tmp_path):

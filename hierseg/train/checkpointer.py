@@ -88,6 +88,26 @@ def check_fingerprint(state: Mapping[str, Any], current: Mapping[str, str], wher
         )
 
 
+def check_resumable(spec: JobSpec) -> None:
+    """Before any worker starts: refuse a resume from a checkpoint of another model or targets.
+
+    The refusal is deterministic, so finding it here saves starting workers (which Ray would restart
+    ``run.max_failures`` times to meet the same error). Every checkpoint of one run folder carries the
+    same fingerprint, so the newest readable one stands for whichever the workers will pick.
+    """
+    if not spec.run.resume:
+        return
+    folders = [p for p in run_dir(spec).glob("checkpoint_*") if (p / STATE_FILE).is_file()]
+    for folder in sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            state = load_state(folder)
+        except CheckpointError:  # a damaged one is skipped (with a warning) by the workers' loader
+            continue
+        current = _BestOnOwner(spec, is_main=False).fingerprint()
+        check_fingerprint(state, current, str(folder))
+        return
+
+
 class Checkpointer(Protocol):
     def load_latest(self) -> dict[str, Any] | None: ...
 

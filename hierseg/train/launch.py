@@ -29,7 +29,7 @@ from hierseg.fsutil import probe_writable
 from hierseg.spec import JobSpec
 from hierseg.tracking import check_tracking_uri, end_run, run_is_open, set_offline_record, start_run
 from hierseg.train.checkpoint import atomic_write_text, follow_umask
-from hierseg.train.checkpointer import OFFLINE_RECORD, run_dir
+from hierseg.train.checkpointer import OFFLINE_RECORD, check_resumable, run_dir
 from hierseg.train.context import close_context, init_context
 from hierseg.train.loop import train_worker
 
@@ -93,6 +93,7 @@ def preflight(spec: JobSpec) -> None:
     lock_run_dir(spec)
     try:
         preflight_data_only(spec)
+        check_resumable(spec)
         check_tracking_uri(spec.tracking.uri)
     except (ValueError, ConnectionError, OSError) as e:
         raise PreflightError(str(e)) from None
