@@ -89,7 +89,7 @@ def test_labels_decoding_equals_direct_softmax_computation() -> None:
 
 
 @pytest.mark.slow
-def test_logged_label_iou_equals_predict_then_by_hand(tmp_path: Path) -> None:
+def test_logged_label_iou_equals_predict_then_by_hand(tmp_path: Path, capsys) -> None:
     """The logged val/label/iou/mitochondria equals hierseg predict on the validation images, scored by hand."""
     from PIL import Image
 
@@ -141,3 +141,15 @@ def test_logged_label_iou_equals_predict_then_by_hand(tmp_path: Path) -> None:
     assert set(np.unique(values01)) <= {0, 1}
     assert np.array_equal(values01 == 1, tifffile.imread(pred_dir / "label_values.tif") == MITO)
     assert np.array_equal(tifffile.imread(tmp_path / "pred01" / "fine_labels.tif") == MITO, values01 == 1)
+    # evaluate on labels in another map: a note says so, and its label IoU is the by-hand one of that map
+    mask = tmp_path / "mask.tif"
+    tifffile.imwrite(mask, np.where(labels == 255, 255, (labels == MITO).astype(np.uint8)))
+    (tmp_path / "mask_u.yaml").write_text("mapping:\n  1: mitochondria\n  0: {not: [mitochondria]}\n  255: uncertain\n")
+    from hierseg.evaluate import main as evaluate
+
+    assert evaluate(["--model", str(tmp_path / "runs" / "t" / "best"), "--image", str(val_images), "--labels",
+                     str(mask), "--label-map", str(tmp_path / "mask_u.yaml"), "--format", "json"]) == 0  # fmt: skip
+    captured = capsys.readouterr()
+    assert "note: the labels use the values" in captured.err
+    evaluated = json.loads(captured.out[captured.out.index("{") :])["label"]["values"]["mitochondria"]["iou"]
+    assert evaluated == pytest.approx(_by_hand_iou(values01[scored], labels[scored] == MITO, values01[scored] == 1))

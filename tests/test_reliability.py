@@ -630,3 +630,25 @@ def test_creating_an_experiment_another_job_just_created_returns_its_id(tmp_path
     winner = client.create_experiment("sweep")
     assert create_experiment(client, "sweep", uri) == winner
     assert create_experiment(client, "other", uri) != winner
+
+
+def test_a_bad_sample_on_one_torchrun_rank_stops_every_rank_naming_it(shards, tmp_path):
+    """Item 9: rank 1 alone meets a corrupt sample mid-run; the whole job exits at once, naming shard and key."""
+    import shutil
+    import tarfile
+
+    data = tmp_path / "shards"
+    shutil.copytree(shards, data)
+    last = sorted((data / "train").glob("*.tar"))[-1]  # rank 1 reads the end of the sample order
+    with tarfile.open(last) as tar:
+        member = [m for m in tar.getmembers() if m.name.endswith("image.npy")][-1]
+    with open(last, "r+b") as f:  # same size, valid tar header: only decoding the payload fails
+        f.seek(member.offset_data)
+        f.write(b"\0" * member.size)
+    spec_path = _local_spec(data, tmp_path, run={"num_workers": 2, "max_steps": 50, "eval_every": 50})
+    t0 = time.monotonic()
+    out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TRAIN,
+                "--spec", str(spec_path)], timeout=240)  # fmt: skip
+    assert out.returncode != 0, out.stderr[-3000:]
+    assert member.name.split(".")[0] in out.stderr and last.name in out.stderr, out.stderr[-3000:]
+    assert time.monotonic() - t0 < 120, "the healthy rank waited in a collective instead of stopping"
