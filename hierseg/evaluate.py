@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hierseg.infer import COARSE_CONFIDENT, PredictError, PredictOptions, Predictor, decide, predict_probs
+from hierseg.infer import NO_COARSE, PredictError, PredictOptions, Predictor, decide, predict_probs
 from hierseg.labels import FINE_CLASSES, NUM_FINE_CLASSES, Hierarchy, LabelSets, LabelSpace, LabelValue
 from hierseg.metrics import EvalMetrics
 
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         predictor = load_predictor(args.model, args.tracking_uri)
         sets, space, lmap = _labels_of(args, predictor)
         opts = default_options(predictor, tile=args.tile, overlap=args.overlap, batch=args.batch,
-                               decode=args.decode, coarse_threshold=2.0 if args.raw else COARSE_CONFIDENT)  # fmt: skip
+                               decode=args.decode, coarse_threshold=NO_COARSE if args.raw else None)  # fmt: skip
         num_labels = NUM_FINE_CLASSES + len(sets)
         batches = (shard_batches(args.shards, predictor, num_labels) if args.shards
                    else volume_batches(args.image, args.labels, lmap, predictor))  # fmt: skip

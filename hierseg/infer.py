@@ -49,7 +49,21 @@ COARSE_CONFIDENT = 0.9
 """A coarse group restricts the fine label only at this probability. Not 0.5: an untrained or unsure
 sigmoid head sits near 0.5, and at 0.5 it restricted srf_tem's axon pixels to organelle classes that
 data set never labels (held-out axon IoU 0.000 after 40 steps, bench/realdata.py --quick)."""
+NO_COARSE = 2.0
+"""A threshold no probability reaches: the coarse head never restricts the fine label nor fills the fallback."""
 UNDECIDED = 255
+
+
+def coarse_threshold_for(spec: Any) -> float:
+    """The default coarse threshold of a model: none when its first coarse head was not trained.
+
+    With ``loss.lambda_coarse: 0`` that head keeps its random weights on trained features, and its
+    sigmoids saturate at random: restricting by it sent srf_tem's held-out myelin pixels to axon (myelin
+    IoU 0.905 -> 0.636, bench/README.md).
+    """
+    return NO_COARSE if spec is not None and spec.lambdas()[0] == 0 else COARSE_CONFIDENT
+
+
 OUTPUT_NAMES = ("fine_labels", "fine_confidence", "coarse_prob", "fallback")
 
 
@@ -352,8 +366,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI)")
     add_tiling_args(ap)
     ap.add_argument("--fine-threshold", type=float, default=0.5)
-    ap.add_argument("--coarse-threshold", type=float, default=COARSE_CONFIDENT,
-                    help="a coarse group at or above this restricts the fine label")  # fmt: skip
+    ap.add_argument("--coarse-threshold", type=float, default=None,
+                    help=f"a coarse group at or above this restricts the fine label (default {COARSE_CONFIDENT}; "
+                         "none for a model trained with lambda_coarse 0)")  # fmt: skip
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     ap.add_argument("--no-amp", action="store_true", help="no bf16 autocast on GPU")
     ap.add_argument("--label-map", default=None,
@@ -379,12 +394,15 @@ def default_options(predictor: Predictor, **overrides: Any) -> PredictOptions:
     tile = overrides.pop("tile", None) or predictor.patch_size
     overlap = overrides.pop("overlap", None)
     decode = overrides.pop("decode", None) or predictor.default_decode
+    if overrides.get("coarse_threshold") is None:
+        overrides["coarse_threshold"] = coarse_threshold_for(predictor.spec)
     opts = PredictOptions(tile=tile, overlap=tile // 8 if overlap is None else overlap, decode=decode, **overrides)
     if opts.tile < 16 or not 0 <= opts.overlap < opts.tile or opts.batch < 1:
         raise PredictError("--tile must be >= 16, --overlap in [0, tile), --batch >= 1")
-    for name in ("fine_threshold", "coarse_threshold"):
-        if not 0.0 <= getattr(opts, name) <= 1.0:
-            raise PredictError(f"--{name.replace('_', '-')} must be in [0, 1]")
+    if not 0.0 <= opts.fine_threshold <= 1.0:
+        raise PredictError("--fine-threshold must be in [0, 1]")
+    if not (0.0 <= opts.coarse_threshold <= 1.0 or opts.coarse_threshold == NO_COARSE):
+        raise PredictError("--coarse-threshold must be in [0, 1]")
     return opts
 
 

@@ -193,3 +193,31 @@ def test_evaluate_labelled_volume_table(tmp_path: Path, capsys) -> None:
     assert main(args) == 0
     table = capsys.readouterr().out
     assert "mitochondria" in table and "coarse group" in table
+
+
+def test_a_model_trained_without_coarse_term_is_not_restricted_by_its_random_coarse_head(model) -> None:
+    """lambda_coarse 0: default decoding is the plain 12-way argmax and the fallback holds no group."""
+    from hierseg.infer import COARSE_CONFIDENT, NO_COARSE, Predictor, default_options
+    from hierseg.spec import validate_spec
+    from tests.train_utils import tiny_spec
+
+    def predictor(lam: float) -> Predictor:
+        spec = validate_spec(tiny_spec(Path("s"), Path("w"), loss={"lambda_coarse": lam}))
+        return Predictor(model, Hierarchy.default(), {"mode": "zscore"}, patch_size=64, spec=spec)
+
+    assert default_options(predictor(0.2)).coarse_threshold == COARSE_CONFIDENT
+    opts = default_options(predictor(0.0))
+    assert opts.coarse_threshold == NO_COARSE
+    saved = model.coarse_heads[0].weight.detach().clone()
+    try:
+        with torch.no_grad():  # saturated at random, as an untrained head on trained features is
+            model.coarse_heads[0].weight.mul_(50.0)
+        img = np.random.default_rng(3).integers(0, 256, (70, 90), dtype=np.uint8)
+        out = predictor(0.0).predict(img, opts)
+        x = torch.from_numpy((img - img.mean()) / img.std()).float()[None]
+        plain = predict_probs(model, x, opts)[:12].argmax(0).numpy()
+    finally:
+        with torch.no_grad():
+            model.coarse_heads[0].weight.copy_(saved)
+    assert np.array_equal(out["fine_labels"], plain)
+    assert (out["fallback"] < FALLBACK_GROUP_OFFSET).sum() + (out["fallback"] == UNDECIDED).sum() == img.size

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -32,12 +34,36 @@ def ray_head():
     dash = _free_port()
     start = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}", "--num-cpus=2"]
     start += ["--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={env['RAY_TMPDIR']}"]
+    # every port free, not Ray's fixed defaults: another Ray cluster on the machine (a benchmark) keeps its own
+    for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+                 "runtime-env-agent-port", "ray-client-server-port"):  # fmt: skip
+        start.append(f"--{flag}={_free_port()}")
     out = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     try:
         yield env, f"http://127.0.0.1:{dash}"
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_cluster_of(env["RAY_TMPDIR"])
+
+
+def _stop_cluster_of(temp_dir: str) -> None:
+    """Stop the processes of this test's cluster only (they name its temp folder): ``ray stop`` would also
+    kill every other Ray cluster of the user on the machine, e.g. a benchmark running beside the tests."""
+    import signal
+    import time
+
+    def pids() -> list[int]:
+        out = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True).stdout.split()
+        return [int(p) for p in out if int(p) != os.getpid()]
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 20
+        while pids() and time.monotonic() < deadline:
+            time.sleep(0.5)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from hierseg.data.loader import build_train_loader, build_val_loader
 from hierseg.data.sources import DataSources, resolve_sources
 from hierseg.evaluate import run_eval, run_eval_sources, summarize, summarize_sources
-from hierseg.infer import PredictOptions
+from hierseg.infer import PredictOptions, coarse_threshold_for
 from hierseg.labels import NUM_FINE_CLASSES, Hierarchy, LabelSets, LabelSpace
 from hierseg.losses import LossTerms, hierarchical_loss
 from hierseg.metrics import EvalMetrics, all_reduce_metrics
@@ -169,7 +169,8 @@ def eval_options(job: Job, label_map: Any = None) -> PredictOptions:
     """
     tile = job.spec.data.patch_size
     decode = "labels" if len(job.label_sets) and (label_map or job.label_map) else "fine"
-    return PredictOptions(tile=tile, overlap=tile // 8, decode=decode, amp=job.autocast_dtype is not None)
+    return PredictOptions(tile=tile, overlap=tile // 8, decode=decode, amp=job.autocast_dtype is not None,
+                          coarse_threshold=coarse_threshold_for(job.spec))  # fmt: skip
 
 
 def sync_buffers(job: Job) -> None:
