@@ -141,15 +141,21 @@ def test_logged_label_iou_equals_predict_then_by_hand(tmp_path: Path, capsys) ->
     assert set(np.unique(values01)) <= {0, 1}
     assert np.array_equal(values01 == 1, tifffile.imread(pred_dir / "label_values.tif") == MITO)
     assert np.array_equal(tifffile.imread(tmp_path / "pred01" / "fine_labels.tif") == MITO, values01 == 1)
-    # evaluate on labels in another map: a note says so, and its label IoU is the by-hand one of that map
+    # evaluate on a 0/1 mask with its own map: the by-hand IoU of that map; a map with other values gets a note
     mask = tmp_path / "mask.tif"
     tifffile.imwrite(mask, np.where(labels == 255, 255, (labels == MITO).astype(np.uint8)))
-    (tmp_path / "mask_u.yaml").write_text("mapping:\n  1: mitochondria\n  0: {not: [mitochondria]}\n  255: uncertain\n")
     from hierseg.evaluate import main as evaluate
 
-    assert evaluate(["--model", str(tmp_path / "runs" / "t" / "best"), "--image", str(val_images), "--labels",
-                     str(mask), "--label-map", str(tmp_path / "mask_u.yaml"), "--format", "json"]) == 0  # fmt: skip
-    captured = capsys.readouterr()
-    assert "note: the labels use the values" in captured.err
-    evaluated = json.loads(captured.out[captured.out.index("{") :])["label"]["values"]["mitochondria"]["iou"]
-    assert evaluated == pytest.approx(_by_hand_iou(values01[scored], labels[scored] == MITO, values01[scored] == 1))
+    def evaluated(mapping: str) -> tuple[float, str]:
+        (tmp_path / "m.yaml").write_text(f"mapping:\n{mapping}  255: uncertain\n")
+        assert evaluate(["--model", str(tmp_path / "runs" / "t" / "best"), "--image", str(val_images), "--labels",
+                         str(mask), "--label-map", str(tmp_path / "m.yaml"), "--format", "json"]) == 0  # fmt: skip
+        captured = capsys.readouterr()
+        report = json.loads(captured.out[captured.out.index("{") :])
+        return report["label"]["values"]["mitochondria"]["iou"], captured.err
+
+    iou, err = evaluated("  1: mitochondria\n  0: {not: [mitochondria]}\n")
+    assert iou == pytest.approx(_by_hand_iou(values01[scored], labels[scored] == MITO, values01[scored] == 1))
+    assert "note:" not in err
+    _, err = evaluated("  1: mitochondria\n  0: uncertain\n")
+    assert "note: the labels use the values ['mitochondria'], the model was trained on" in err
