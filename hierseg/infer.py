@@ -116,32 +116,97 @@ def _device_of(options: PredictOptions) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+Box = tuple[int, int, int, int]
+"""``(y0, y1, x0, x1)``, half-open, in pixels of the whole slice."""
+
+
+def tile_grid(h: int, w: int, options: PredictOptions) -> tuple[int, int, list[tuple[int, int]]]:
+    """Window height, width and the ``(y, x)`` starts of every window of an ``h x w`` slice, in the order run."""
+    th, tw = min(options.tile, h), min(options.tile, w)
+    return th, tw, [(y, x) for y in tile_starts(h, th, options.overlap) for x in tile_starts(w, tw, options.overlap)]
+
+
+def region_tiles(h: int, w: int, interior: Box, options: PredictOptions) -> tuple[list[int], Box]:
+    """The windows of the whole slice's grid that touch ``interior``, and the box they cover (what must be read).
+
+    That box reaches at least ``overlap`` pixels past the interior (the volume's edge permitting) and less than
+    ``tile``: a window that ends earlier does not touch the interior.
+    """
+    th, tw, boxes = tile_grid(h, w, options)
+    y0, y1, x0, x1 = interior
+    needed = [i for i, (y, x) in enumerate(boxes) if y < y1 and y + th > y0 and x < x1 and x + tw > x0]
+    if not needed:
+        raise ValueError(f"region {interior} lies outside the {h} x {w} slice")
+    ys, xs = [boxes[i][0] for i in needed], [boxes[i][1] for i in needed]
+    return needed, (min(ys), max(ys) + th, min(xs), max(xs) + tw)
+
+
+def _batches(needed: list[int], num_tiles: int, batch: int) -> Iterator[tuple[list[int], int]]:
+    """Runs of ``needed`` windows, each run as large as the batch the whole-slice pass puts those windows in.
+
+    Why: CPU kernels round a batch of 1 differently from a batch of 8 (by ~1e-6), while a window's result does
+    not depend on which other windows share its batch; so a region padded to the whole slice's batch sizes
+    gets bit-identical probabilities. For the whole slice this gives exactly the consecutive batches.
+    """
+    run: list[int] = []
+    size = 0
+    for i in needed:
+        n = min(batch, num_tiles - (i // batch) * batch)
+        if run and (n != size or len(run) == size):
+            yield run, size
+            run = []
+        run.append(i)
+        size = n
+    if run:
+        yield run, size
+
+
 @torch.no_grad()
+def predict_region_probs(
+    model: torch.nn.Module,
+    image_CHW: torch.Tensor,
+    origin: tuple[int, int],
+    slice_hw: tuple[int, int],
+    interior: Box,
+    options: PredictOptions,
+) -> torch.Tensor:
+    """Blended probabilities of ``interior`` of a slice, exactly as :func:`predict_probs` of the whole slice.
+
+    ``image_CHW`` is the normalised input of a part of the slice holding :func:`region_tiles`' box, its pixel
+    ``[0, 0]`` at slice pixel ``origin``. Exact because it runs the whole slice's windows that touch the
+    interior, with the same blend window, summed per pixel in the same order, in batches of the same sizes.
+    """
+    device = next(model.parameters()).device
+    th, tw, boxes = tile_grid(*slice_hw, options)
+    needed, _ = region_tiles(*slice_hw, interior, options)
+    (oy, ox), (_, rh, rw) = origin, image_CHW.shape
+    window = blend_window(th, tw, options.overlap if len(boxes) > 1 else 0).to(device)
+    acc, weight = None, torch.zeros(rh, rw, device=device)
+    amp = options.amp and device.type == "cuda"
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
+    for run, size in _batches(needed, len(boxes), options.batch):
+        starts = [(boxes[i][0] - oy, boxes[i][1] - ox) for i in run]
+        tiles = [image_CHW[:, y : y + th, x : x + tw] for y, x in starts]
+        tiles += tiles[-1:] * (size - len(run))  # pad to the whole-slice batch size; the extra results are dropped
+        with ctx:
+            logits_fine, logits_coarse = model(torch.stack(tiles).to(device))
+        probs = torch.cat([logits_fine.float().softmax(1), *(lc.float().sigmoid() for lc in logits_coarse)], 1)
+        if acc is None:
+            acc = torch.zeros(probs.shape[1], rh, rw, device=device)
+        for (y, x), p in zip(starts, probs[: len(run)]):
+            acc[:, y : y + th, x : x + tw] += p * window
+            weight[y : y + th, x : x + tw] += window
+    y0, y1, x0, x1 = interior
+    return (acc / weight)[:, y0 - oy : y1 - oy, x0 - ox : x1 - ox].cpu()
+
+
 def predict_probs(model: torch.nn.Module, image_CHW: torch.Tensor, options: PredictOptions) -> torch.Tensor:
     """Blended ``[12 + sum K, H, W]`` probabilities (softmax fine, then sigmoid coarse of every level) of one image.
 
     ``image_CHW`` is the normalised network input (:func:`hierseg.data.normalize.normalize`).
     """
-    device = next(model.parameters()).device
     _, h, w = image_CHW.shape
-    th, tw = min(options.tile, h), min(options.tile, w)
-    boxes = [(y, x) for y in tile_starts(h, th, options.overlap) for x in tile_starts(w, tw, options.overlap)]
-    window = blend_window(th, tw, options.overlap if len(boxes) > 1 else 0).to(device)
-    acc, weight = None, torch.zeros(h, w, device=device)
-    amp = options.amp and device.type == "cuda"
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
-    for i in range(0, len(boxes), options.batch):
-        chunk = boxes[i : i + options.batch]
-        tiles = torch.stack([image_CHW[:, y : y + th, x : x + tw] for y, x in chunk]).to(device)
-        with ctx:
-            logits_fine, logits_coarse = model(tiles)
-        probs = torch.cat([logits_fine.float().softmax(1), *(lc.float().sigmoid() for lc in logits_coarse)], 1)
-        if acc is None:
-            acc = torch.zeros(probs.shape[1], h, w, device=device)
-        for (y, x), p in zip(chunk, probs):
-            acc[:, y : y + th, x : x + tw] += p * window
-            weight[y : y + th, x : x + tw] += window
-    return (acc / weight).cpu()
+    return predict_region_probs(model, image_CHW, (0, 0), (h, w), (0, h, 0, w), options)
 
 
 def decide(
@@ -376,6 +441,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "the training one's: e.g. a multi-source model on one source's labels")  # fmt: skip
     ap.add_argument("--overwrite", action="store_true", help="replace hierseg's earlier outputs at --output")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ray = ap.add_argument_group("blockwise on Ray (hierseg.blockwise): resumable, into out.zarr")
+    ray.add_argument("--ray", action="store_true", help="predict blocks on Ray workers ($RAY_ADDRESS, else local)")
+    ray.add_argument("--block", default=None, metavar="Z,Y,X", help="block shape (and the output's chunks)")
+    ray.add_argument("--halo", default=None, metavar="Y,X", help="context past each block (or 0,Y,X); at least "
+                     "--overlap, the default")  # fmt: skip
+    ray.add_argument("--ray-workers", type=int, default=2, metavar="N", help="Ray actors, each loading the model once")
     return ap.parse_args(argv)
 
 
@@ -411,6 +482,10 @@ def main(argv: list[str] | None = None) -> int:
     from hierseg.stackio import StackError, check_not_input, open_input, open_output
 
     args = parse_args(argv)
+    if args.ray or args.block or args.halo:
+        from hierseg.blockwise import main_blockwise
+
+        return main_blockwise(args)
     try:
         check_not_input(args.output, args.input)
         source = open_input(args.input)

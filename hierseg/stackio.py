@@ -27,8 +27,10 @@ class StackError(ValueError):
 class SliceStack:
     """``[Z, H, W]`` view over a lazily indexed source (``get(z) -> [H, W]`` or ``[C, H, W]``)."""
 
-    def __init__(self, shape: tuple[int, ...], get: Any, name: str, is_2d: bool = False, closer: Any = None):
+    def __init__(self, shape: tuple[int, ...], get: Any, name: str, is_2d: bool = False, closer: Any = None,
+                 crop: Any = None):  # fmt: skip
         self.shape, self._get, self.name, self.is_2d, self._closer = shape, get, name, is_2d, closer
+        self._crop = crop  # (z, ys, xs) -> part of a slice, for formats that read parts (zarr, HDF5, .npy)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -36,6 +38,15 @@ class SliceStack:
     def __getitem__(self, z: int) -> np.ndarray:
         try:
             return np.asarray(self._get(z))
+        except Exception as e:
+            raise StackError(f"cannot read slice {z} of {self.name}: {type(e).__name__}: {e}") from None
+
+    def read(self, z: int, ys: slice, xs: slice) -> np.ndarray:
+        """Pixels ``[ys, xs]`` of slice ``z``; chunked formats read only the chunks they touch."""
+        if self._crop is None:
+            return self[z][..., ys, xs]
+        try:
+            return np.asarray(self._crop(z, ys, xs))
         except Exception as e:
             raise StackError(f"cannot read slice {z} of {self.name}: {type(e).__name__}: {e}") from None
 
@@ -48,7 +59,7 @@ def _from_array(arr: Any, name: str) -> SliceStack:
     if arr.ndim == 2:
         return SliceStack((1, *arr.shape), lambda z: arr[...], name, is_2d=True)
     if arr.ndim == 3:
-        return SliceStack(tuple(arr.shape), lambda z: arr[z], name)
+        return SliceStack(tuple(arr.shape), lambda z: arr[z], name, crop=lambda z, ys, xs: arr[z, ys, xs])
     raise StackError(f"{name} has shape {tuple(arr.shape)}; expected a 2D image [H, W] or a stack [Z, H, W]")
 
 
@@ -122,8 +133,9 @@ def open_input(spec: str) -> SliceStack:
 
 
 # -------------------------------------------------------------------------------------------- outputs
-OUR_NAMES = ("fine_labels", "fine_confidence", "coarse_prob", "fallback", "label_values")
-"""Every array prediction may write; ``--overwrite`` replaces these and nothing else."""
+OUR_NAMES = ("fine_labels", "fine_confidence", "coarse_prob", "fallback", "label_values", "block_done")
+"""Every array prediction may write (``block_done``: ``--ray``'s finished blocks); ``--overwrite`` replaces these
+and nothing else."""
 
 
 def _layouts(shape: tuple[int, ...], k: int, is_2d: bool, label_values: bool) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -1,0 +1,246 @@
+"""Blockwise prediction on a real private local Ray cluster (``hierseg predict --ray``): the output equals
+whole-volume ``predict``, a rerun predicts only unfinished blocks, a SIGKILLed worker is retried, and bad
+inputs are one-line errors.
+
+The model is a tiny untrained U-Net saved as a checkpoint folder, its heads sharpened so that every fine
+class, coarse group and label value occurs; untrained, it has many near-ties, where argmax and float16
+rounding show any numeric difference, which is what identity needs tested.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hierseg.blockwise import DONE_ARRAY, RECORD_ATTR, BlockwiseResult, predict_blockwise
+from hierseg.infer import main as predict_main
+from hierseg.infer import parse_args
+from tests.train_utils import ROOT, tiny_spec
+
+pytestmark = pytest.mark.timeout(240)
+SHAPE = (3, 150, 170)
+BLOCK = "2,64,72"  # divides none of the volume's sides: 2 x 3 x 3 blocks, cut at every far edge
+FLAGS = ["--tile", "48", "--overlap", "12", "--batch", "3", "--device", "cpu", "--quiet"]
+ARRAYS = ("fine_labels", "fine_confidence", "coarse_prob", "fallback")
+LABEL_MAP = ["--label-map", str(ROOT / "examples" / "label_maps" / "vnc_sstem_sets.yaml")]  # a set among 3 values
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One private local Ray for the module: fresh temp folder, never an existing cluster."""
+    import ray
+
+    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_ADDRESS", "PYTHONPATH")}
+    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    os.environ["RAY_TMPDIR"] = tmp
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), saved["PYTHONPATH"]) if p)  # this checkout
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _checkpoint(folder: Path, seed: int) -> Path:
+    """A checkpoint folder ``load_predictor`` accepts, from a spec and a seeded untrained model."""
+    from hierseg.model import build_model
+    from hierseg.spec import validate_spec
+
+    spec = validate_spec(tiny_spec(folder, folder))
+    torch.manual_seed(seed)
+    model = build_model(spec.model, spec.hierarchy.build())
+    with torch.no_grad():
+        for head in (model.fine_head, *model.coarse_heads):
+            head.weight.mul_(10.0)
+    folder.mkdir(parents=True)
+    state = {"model": model.state_dict(), "spec": spec.model_dump(mode="json"), "normalization": {"mode": "zscore"}}
+    torch.save(state, folder / "state.pt")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    import zarr
+
+    work = tmp_path_factory.mktemp("blockwise")
+    _checkpoint(work / "model_a", 0)
+    _checkpoint(work / "model_b", 1)
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 120, SHAPE[2])[None, None, :]  # slices of different brightness: z-score matters
+    vol = (rng.integers(0, 120, SHAPE) + ramp + 10 * np.arange(SHAPE[0])[:, None, None]).astype(np.uint8)
+    zarr.create_array(store=str(work / "vol.zarr"), data=vol, chunks=(1, 64, 64))
+    return work
+
+
+def _args(work: Path, out: str, *extra: str, model: str = "model_a") -> list[str]:
+    return ["--model", str(work / model), "--input", str(work / "vol.zarr"), "--output", str(work / out), *FLAGS,
+            *extra]  # fmt: skip
+
+
+def _one_thread_predict(argv: list[str]) -> int:
+    """Whole-volume ``predict`` with the thread count of each Ray worker (CPU rounding depends on it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return predict_main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _blockwise(work: Path, out: str, *extra: str, model: str = "model_a") -> BlockwiseResult:
+    return predict_blockwise(parse_args(_args(work, out, "--ray", *extra, model=model)))
+
+
+@pytest.fixture(scope="module")
+def reference(work: Path) -> Path:
+    """Whole-volume predict, decoded in a label map's values (so label_values is written too)."""
+    assert _one_thread_predict(_args(work, "ref.zarr", *LABEL_MAP)) == 0
+    return work / "ref.zarr"
+
+
+@pytest.fixture(scope="module")
+def blockwise(work: Path, ray_cluster) -> tuple[Path, BlockwiseResult]:
+    return work / "bw.zarr", _blockwise(work, "bw.zarr", "--block", BLOCK, "--halo", "12,12", *LABEL_MAP)
+
+
+def _assert_same(got: Path, want: Path, names: tuple[str, ...] = (*ARRAYS, "label_values")) -> None:
+    import zarr
+
+    a, b = zarr.open_group(str(got), mode="r"), zarr.open_group(str(want), mode="r")
+    for name in names:
+        x, y = np.asarray(a[name][...]), np.asarray(b[name][...])
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        if x.dtype.kind == "f":
+            np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), atol=1e-5, rtol=0, err_msg=name)
+        else:
+            assert np.array_equal(x, y), f"{name}: {(x != y).sum()} voxels differ"
+
+
+def test_blockwise_equals_whole_volume_predict(work: Path, reference: Path, blockwise) -> None:
+    import zarr
+
+    out, result = blockwise
+    assert (result.blocks, result.computed, result.skipped) == (18, 18, 0)
+    assert result.voxels == int(np.prod(SHAPE))
+    _assert_same(out, reference)
+    ref = zarr.open_group(str(reference), mode="r")
+    assert len(np.unique(ref["fine_labels"][...])) > 3 and len(np.unique(ref["label_values"][...])) == 3
+    root = zarr.open_group(str(out), mode="r")
+    assert root["fine_labels"].chunks == (2, 64, 72) and root["coarse_prob"].chunks == (1, 2, 64, 72)
+    assert root["label_values"].dtype == np.int32 and np.asarray(root[DONE_ARRAY][...]).all()
+    record = root.attrs[RECORD_ATTR]
+    assert record["block"] == [2, 64, 72] and record["tile"] == 48 and record["model"] == str(work / "model_a")
+
+
+def test_rerun_predicts_only_unfinished_blocks(work: Path, reference: Path, blockwise, capsys) -> None:
+    import zarr
+
+    shutil.copytree(blockwise[0], work / "resume.zarr")
+    root = zarr.open_group(str(work / "resume.zarr"), mode="r+")
+    undone = [(0, 0, 1), (1, 2, 2), (0, 1, 0)]  # as a killed run leaves them: outputs half written, not marked
+    for iz, iy, ix in undone:
+        root[DONE_ARRAY][iz, iy, ix] = 0
+        root["fine_labels"][2 * iz : 2 * iz + 2, 64 * iy : 64 * iy + 64, 72 * ix : 72 * ix + 72] = 99
+    result = _blockwise(work, "resume.zarr", "--block", BLOCK, "--ray-workers", "1", *LABEL_MAP)
+    assert (result.computed, result.skipped) == (3, 15)
+    _assert_same(work / "resume.zarr", reference)
+    assert predict_main(_args(work, "resume.zarr", "--ray", "--block", BLOCK, *LABEL_MAP)) == 0
+    assert "all 18 blocks" in capsys.readouterr().out  # all done: no worker is even started
+
+
+def _descendants(name: str) -> list[int]:
+    """Pids of this process's descendants whose command line starts with ``name`` (Ray sets its actors')."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found = []
+    for pid in parents:
+        p = pid
+        while p in parents and p != os.getpid():
+            p = parents[p]
+        if p != os.getpid():
+            continue
+        try:
+            if (Path("/proc") / str(pid) / "cmdline").read_bytes().startswith(name.encode()):
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def _done_count(store: Path) -> int:
+    """Blocks marked done so far (a chunk file of block_done exists only once set)."""
+    return sum(1 for p in (store / DONE_ARRAY).rglob("*") if p.is_file() and p.name != "zarr.json")
+
+
+def test_sigkilled_worker_is_retried_and_overwrite(work: Path, blockwise) -> None:
+    """A worker SIGKILLed mid-run is restarted and its block retried: complete, identical output (fine
+    decoding this time, written with --overwrite over the label-decoded store)."""
+    import zarr
+
+    assert _one_thread_predict(_args(work, "ref_fine.zarr")) == 0
+    shutil.copytree(blockwise[0], work / "kill.zarr")
+    shutil.rmtree(work / "kill.zarr" / DONE_ARRAY)  # the copy's marks would hide the new run's progress
+    killed: list[int] = []
+
+    def kill_the_worker_mid_run() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            pids = _descendants("ray::BlockWorker") if _done_count(work / "kill.zarr") >= 2 else []
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_the_worker_mid_run, daemon=True)
+    killer.start()
+    result = _blockwise(work, "kill.zarr", "--block", "1,50,57", "--ray-workers", "1", "--overwrite")
+    killed.append(0)  # stops the killer if it never fired
+    killer.join()
+    assert killed[0] != 0, "the worker was not killed mid-run"
+    assert result.computed == result.blocks == 27
+    _assert_same(work / "kill.zarr", work / "ref_fine.zarr", ARRAYS)
+    assert "label_values" not in zarr.open_group(str(work / "kill.zarr"), mode="r")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--ray", "--block", BLOCK, "--halo", "8,8"], "--halo 8,8 is smaller than the tile overlap 12"),
+        (["--ray", "--block", "4,64,64"], "--block 4,64,64 is larger than the volume 3,150,170 along z"),
+        (["--ray", "--block", BLOCK, "--halo", "1,12,12"], "the z halo must be 0"),
+        (["--ray", "--block", "2,64"], "--block 2,64: give Z,Y,X"),
+        (["--block", BLOCK], "--block and --halo work with --ray only"),
+        (["--ray"], "--ray needs --block"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(work: Path, extra: list[str], message: str, capsys) -> None:
+    assert predict_main(_args(work, "bad.zarr", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and not (work / "bad.zarr").exists()
+
+
+def test_other_model_or_settings_refused(work: Path, reference: Path, blockwise, capsys) -> None:
+    out = blockwise[0].name
+    for extra, model, what in [([], "model_b", "weights_sha256"), (["--fine-threshold", "0.7"], "model_a",
+                                                                    "fine_threshold 0.5 -> 0.7")]:  # fmt: skip
+        assert predict_main(_args(work, out, "--ray", "--block", BLOCK, *extra, model=model)) == 2
+        err = capsys.readouterr().err.strip()
+        assert "was written by another model or settings" in err and what in err and "--overwrite" in err
+    assert predict_main(_args(work, "ref.zarr", "--ray", "--block", BLOCK)) == 2  # plain predict's store
+    assert "was not written by predict --ray" in capsys.readouterr().err
