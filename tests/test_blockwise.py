@@ -1,6 +1,6 @@
 """Blockwise prediction on a real private local Ray cluster (``hierseg predict --ray``): the output equals
-whole-volume ``predict``, a rerun predicts only unfinished blocks, a SIGKILLed worker is retried, and bad
-inputs are one-line errors.
+whole-volume ``predict``, a rerun predicts only unfinished blocks (and a worker SIGKILLed meanwhile is
+restarted and its block retried), and bad inputs are one-line errors.
 
 The model is a tiny untrained U-Net saved as a checkpoint folder, its heads sharpened so that every fine
 class, coarse group and label value occurs; untrained, it has many near-ties, where argmax and float16
@@ -34,6 +34,15 @@ ARRAYS = ("fine_labels", "fine_confidence", "coarse_prob", "fallback")
 LABEL_MAP = ["--label-map", str(ROOT / "examples" / "label_maps" / "vnc_sstem_sets.yaml")]  # a set among 3 values
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """This process predicts on one torch thread, as each Ray worker: CPU kernels round differently with 2."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """One private local Ray for the module: fresh temp folder, never an existing cluster."""
@@ -48,7 +57,10 @@ def ray_cluster():
     yield
     ray.shutdown()
     for k, v in saved.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -88,16 +100,6 @@ def _args(work: Path, out: str, *extra: str, model: str = "model_a") -> list[str
             *extra]  # fmt: skip
 
 
-def _one_thread_predict(argv: list[str]) -> int:
-    """Whole-volume ``predict`` with the thread count of each Ray worker (CPU rounding depends on it)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return predict_main(argv)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _blockwise(work: Path, out: str, *extra: str, model: str = "model_a") -> BlockwiseResult:
     return predict_blockwise(parse_args(_args(work, out, "--ray", *extra, model=model)))
 
@@ -105,13 +107,15 @@ def _blockwise(work: Path, out: str, *extra: str, model: str = "model_a") -> Blo
 @pytest.fixture(scope="module")
 def reference(work: Path) -> Path:
     """Whole-volume predict, decoded in a label map's values (so label_values is written too)."""
-    assert _one_thread_predict(_args(work, "ref.zarr", *LABEL_MAP)) == 0
+    assert predict_main(_args(work, "ref.zarr", *LABEL_MAP)) == 0
     return work / "ref.zarr"
 
 
 @pytest.fixture(scope="module")
 def blockwise(work: Path, ray_cluster) -> tuple[Path, BlockwiseResult]:
-    return work / "bw.zarr", _blockwise(work, "bw.zarr", "--block", BLOCK, "--halo", "12,12", *LABEL_MAP)
+    """2 workers, over (``--overwrite``) a plain predict's store of the other decoding."""
+    assert predict_main(_args(work, "bw.zarr")) == 0
+    return work / "bw.zarr", _blockwise(work, "bw.zarr", "--block", BLOCK, "--halo", "12,12", "--overwrite", *LABEL_MAP)
 
 
 def _assert_same(got: Path, want: Path, names: tuple[str, ...] = (*ARRAYS, "label_values")) -> None:
@@ -125,6 +129,25 @@ def _assert_same(got: Path, want: Path, names: tuple[str, ...] = (*ARRAYS, "labe
             np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), atol=1e-5, rtol=0, err_msg=name)
         else:
             assert np.array_equal(x, y), f"{name}: {(x != y).sum()} voxels differ"
+
+
+@pytest.mark.parametrize("block", [(17, 23), (64, 72), (150, 7), (150, 170)])
+def test_region_probs_equal_whole_slice(work: Path, block: tuple[int, int]) -> None:
+    """Any block of a slice, through its part of the slice only, gets the whole slice's probabilities exactly."""
+    from hierseg.infer import PredictOptions, load_predictor, predict_probs, predict_region_probs, region_tiles
+
+    model = load_predictor(str(work / "model_a")).model
+    image = torch.from_numpy(np.random.default_rng(1).standard_normal((1, *SHAPE[1:])).astype(np.float32))
+    opts = PredictOptions(tile=48, overlap=12, batch=3)  # 20 windows: batches of 3, the last of 2
+    whole = predict_probs(model, image, opts)
+    (h, w), (bh, bw) = SHAPE[1:], block
+    for y0 in range(0, h, bh):
+        for x0 in range(0, w, bw):
+            interior = (y0, min(y0 + bh, h), x0, min(x0 + bw, w))
+            _, (fy0, fy1, fx0, fx1) = region_tiles(h, w, interior, opts)
+            assert fy0 <= max(0, y0 - 12) and fy1 >= min(h, interior[1] + 12)  # the overlap, at least, is read
+            part = predict_region_probs(model, image[:, fy0:fy1, fx0:fx1], (fy0, fx0), (h, w), interior, opts)
+            assert torch.equal(part, whole[:, interior[0] : interior[1], interior[2] : interior[3]]), interior
 
 
 def test_blockwise_equals_whole_volume_predict(work: Path, reference: Path, blockwise) -> None:
@@ -141,22 +164,6 @@ def test_blockwise_equals_whole_volume_predict(work: Path, reference: Path, bloc
     assert root["label_values"].dtype == np.int32 and np.asarray(root[DONE_ARRAY][...]).all()
     record = root.attrs[RECORD_ATTR]
     assert record["block"] == [2, 64, 72] and record["tile"] == 48 and record["model"] == str(work / "model_a")
-
-
-def test_rerun_predicts_only_unfinished_blocks(work: Path, reference: Path, blockwise, capsys) -> None:
-    import zarr
-
-    shutil.copytree(blockwise[0], work / "resume.zarr")
-    root = zarr.open_group(str(work / "resume.zarr"), mode="r+")
-    undone = [(0, 0, 1), (1, 2, 2), (0, 1, 0)]  # as a killed run leaves them: outputs half written, not marked
-    for iz, iy, ix in undone:
-        root[DONE_ARRAY][iz, iy, ix] = 0
-        root["fine_labels"][2 * iz : 2 * iz + 2, 64 * iy : 64 * iy + 64, 72 * ix : 72 * ix + 72] = 99
-    result = _blockwise(work, "resume.zarr", "--block", BLOCK, "--ray-workers", "1", *LABEL_MAP)
-    assert (result.computed, result.skipped) == (3, 15)
-    _assert_same(work / "resume.zarr", reference)
-    assert predict_main(_args(work, "resume.zarr", "--ray", "--block", BLOCK, *LABEL_MAP)) == 0
-    assert "all 18 blocks" in capsys.readouterr().out  # all done: no worker is even started
 
 
 def _descendants(name: str) -> list[int]:
@@ -188,20 +195,25 @@ def _done_count(store: Path) -> int:
     return sum(1 for p in (store / DONE_ARRAY).rglob("*") if p.is_file() and p.name != "zarr.json")
 
 
-def test_sigkilled_worker_is_retried_and_overwrite(work: Path, blockwise) -> None:
-    """A worker SIGKILLed mid-run is restarted and its block retried: complete, identical output (fine
-    decoding this time, written with --overwrite over the label-decoded store)."""
+def test_rerun_predicts_only_unfinished_blocks_and_survives_sigkill(work: Path, reference: Path, blockwise,
+                                                                    capsys) -> None:  # fmt: skip
+    """A rerun after a stopped run predicts exactly the unmarked blocks; a worker SIGKILLed meanwhile is
+    restarted and its block retried; the output is complete and identical."""
     import zarr
 
-    assert _one_thread_predict(_args(work, "ref_fine.zarr")) == 0
-    shutil.copytree(blockwise[0], work / "kill.zarr")
-    shutil.rmtree(work / "kill.zarr" / DONE_ARRAY)  # the copy's marks would hide the new run's progress
+    shutil.copytree(blockwise[0], work / "resume.zarr")
+    root = zarr.open_group(str(work / "resume.zarr"), mode="r+")
+    undone = [(0, 0, 1), (1, 2, 2), (0, 1, 0), (1, 0, 0), (0, 2, 1), (1, 1, 2), (0, 0, 0), (1, 2, 0)]
+    for iz, iy, ix in undone:  # as a stopped run leaves them: outputs half written, not marked
+        root[DONE_ARRAY][iz, iy, ix] = 0
+        root["fine_labels"][2 * iz : 2 * iz + 2, 64 * iy : 64 * iy + 64, 72 * ix : 72 * ix + 72] = 99
     killed: list[int] = []
 
     def kill_the_worker_mid_run() -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not killed:
-            pids = _descendants("ray::BlockWorker") if _done_count(work / "kill.zarr") >= 2 else []
+            busy = _done_count(work / "resume.zarr") >= 18 - len(undone) + 2
+            pids = _descendants("ray::BlockWorker.predict_block") if busy else []
             if pids:
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])
@@ -209,13 +221,14 @@ def test_sigkilled_worker_is_retried_and_overwrite(work: Path, blockwise) -> Non
 
     killer = threading.Thread(target=kill_the_worker_mid_run, daemon=True)
     killer.start()
-    result = _blockwise(work, "kill.zarr", "--block", "1,50,57", "--ray-workers", "1", "--overwrite")
+    result = _blockwise(work, "resume.zarr", "--block", BLOCK, "--ray-workers", "1", *LABEL_MAP)
     killed.append(0)  # stops the killer if it never fired
     killer.join()
     assert killed[0] != 0, "the worker was not killed mid-run"
-    assert result.computed == result.blocks == 27
-    _assert_same(work / "kill.zarr", work / "ref_fine.zarr", ARRAYS)
-    assert "label_values" not in zarr.open_group(str(work / "kill.zarr"), mode="r")
+    assert (result.computed, result.skipped) == (len(undone), 18 - len(undone))
+    _assert_same(work / "resume.zarr", reference)
+    assert predict_main(_args(work, "resume.zarr", "--ray", "--block", BLOCK, *LABEL_MAP)) == 0
+    assert "all 18 blocks" in capsys.readouterr().out  # all done: no worker is even started
 
 
 @pytest.mark.parametrize(
