@@ -37,7 +37,8 @@ format: setup
 	$(BIN)/ruff check --fix .
 
 # Side-by-side benchmarks (each prints ratios measured in one run); ~15 min on 2 cores.
-# The full real-data comparison takes hours on 2 cores: python bench/realdata.py (see bench/README.md).
+# The full real-data comparison takes hours on 2 cores: python bench/realdata.py (see bench/README.md);
+# the joint three-source model vs one model per source: python bench/partial_labels.py (~65 min).
 bench: setup
 	$(BIN)/python bench/realdata.py --quick
 	$(BIN)/python bench/loss.py
