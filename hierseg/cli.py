@@ -62,7 +62,11 @@ def root_cause(exc: BaseException) -> BaseException:
 
 def one_line(exc: BaseException) -> str:
     """The message of ``exc`` without any traceback text Ray may have folded into it."""
-    text = str(exc).split("Traceback (most recent call last)")[0].strip()
+    text = str(exc)
+    if "Original Traceback (most recent call last)" in text:  # torch's DataLoader re-raise: the original is last
+        last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+        text = last.removeprefix(f"{type(exc).__name__}:").strip()
+    text = text.split("Traceback (most recent call last)")[0].strip()
     text = " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
     if type(exc).__module__.startswith("hierseg") or type(exc) in _SELF_EXPLAINING:
         return text

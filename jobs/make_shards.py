@@ -5,4 +5,6 @@ import sys
 from hierseg.data.shards import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from hierseg.cli import run_verb
+
+    sys.exit(run_verb("make-shards", main, sys.argv[1:]))

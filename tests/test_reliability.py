@@ -288,6 +288,9 @@ def test_ray_wrapped_worker_errors_unwrap_to_the_root_message():
     ]:
         assert one_line(root_cause(wrapped)) == str(clear)
     assert one_line(KeyError("spec")) == "KeyError: 'spec'"  # a type without a message of its own is named
+    loader = ValueError(f"Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                        f"last):\n  File \"x.py\", line 1, in f\nValueError: {clear}")  # fmt: skip
+    assert one_line(root_cause(loader)) == str(clear)  # torch's re-raise: the original's message, not its header
 
 
 # ---------------------------------------------------------------------------- 23: tracking URIs

@@ -198,7 +198,21 @@ class RayCheckpointer(_BestOnOwner):
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as d:
-            return self._checked(load_state(d), checkpoint.path)
+            state, where = load_state(d), checkpoint.path
+        # Ray registers a report's checkpoint asynchronously: after a killed worker it may hand back an older
+        # one than the newest complete folder this run wrote (seen: step 5 with steps 10 and 15 on disk).
+        # Folders newer than Ray's own are this run's later reports; the newest that loads wins.
+        since = Path(where).stat().st_mtime if Path(where).is_dir() else float("inf")
+        newer = [p for p in self.root.glob("checkpoint_*") if (p / STATE_FILE).is_file() and p.stat().st_mtime > since]
+        for folder in sorted(newer, key=lambda p: p.stat().st_mtime, reverse=True):
+            try:
+                candidate = load_state(folder)
+            except CheckpointError:
+                continue
+            if candidate.get("step", -1) > state.get("step", -1):
+                state, where = candidate, str(folder)
+            break
+        return self._checked(state, where)
 
     def save(self, state: dict[str, Any], metrics: dict[str, float]) -> None:
         import ray.train
