@@ -12,6 +12,7 @@ groups (same sizes).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -97,15 +98,21 @@ def check_resumable(spec: JobSpec) -> None:
     """
     if not spec.run.resume:
         return
-    folders = [p for p in run_dir(spec).glob("checkpoint_*") if (p / STATE_FILE).is_file()]
+    found = newest_loadable(run_dir(spec))
+    if found is not None:
+        check_fingerprint(found[1], _BestOnOwner(spec, is_main=False).fingerprint(), str(found[0]))
+
+
+def newest_loadable(root: Path, after: float = -math.inf) -> tuple[Path, dict[str, Any]] | None:
+    """``(folder, state)`` of the newest ``checkpoint_*`` folder under ``root`` (modified after ``after``)
+    that loads; damaged ones are skipped (the workers' loader warns about them)."""
+    folders = [p for p in root.glob("checkpoint_*") if (p / STATE_FILE).is_file() and p.stat().st_mtime > after]
     for folder in sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True):
         try:
-            state = load_state(folder)
-        except CheckpointError:  # a damaged one is skipped (with a warning) by the workers' loader
+            return folder, load_state(folder)
+        except CheckpointError:
             continue
-        current = _BestOnOwner(spec, is_main=False).fingerprint()
-        check_fingerprint(state, current, str(folder))
-        return
+    return None
 
 
 class Checkpointer(Protocol):
@@ -202,16 +209,10 @@ class RayCheckpointer(_BestOnOwner):
         # Ray registers a report's checkpoint asynchronously: after a killed worker it may hand back an older
         # one than the newest complete folder this run wrote (seen: step 5 with steps 10 and 15 on disk).
         # Folders newer than Ray's own are this run's later reports; the newest that loads wins.
-        since = Path(where).stat().st_mtime if Path(where).is_dir() else float("inf")
-        newer = [p for p in self.root.glob("checkpoint_*") if (p / STATE_FILE).is_file() and p.stat().st_mtime > since]
-        for folder in sorted(newer, key=lambda p: p.stat().st_mtime, reverse=True):
-            try:
-                candidate = load_state(folder)
-            except CheckpointError:
-                continue
-            if candidate.get("step", -1) > state.get("step", -1):
-                state, where = candidate, str(folder)
-            break
+        since = Path(where).stat().st_mtime if Path(where).is_dir() else math.inf
+        newer = newest_loadable(self.root, after=since)
+        if newer is not None and newer[1].get("step", -1) > state.get("step", -1):
+            state, where = newer[1], str(newer[0])
         return self._checked(state, where)
 
     def save(self, state: dict[str, Any], metrics: dict[str, float]) -> None:
