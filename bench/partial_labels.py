@@ -1,7 +1,7 @@
 """Partial labels that pay off, on real data (issue 11, item 4): one joint model vs one model per source.
 
     python bench/partial_labels.py [--seeds 0] [--steps 300] [--batch 8] [--patch 256]
-        [--base-channels 8] [--depth 4] [--out DIR]
+        [--base-channels 8] [--depth 4] [--set KEY=VALUE ...] [--out DIR]
 
 Part (a) of the issue, binary mitochondria with a ``{not: [mitochondria]}`` set vs a bare 2-class
 loop, is ``python bench/realdata.py --datasets vnc`` (the same split and scorer as below; figures in
@@ -145,7 +145,8 @@ def train_and_score(name: str, keys: list[str], ctx: dict, steps: int, seed: int
     spec = write_spec(name, keys, ctx["shards"], cfg, steps, work)
     t0 = time.perf_counter()
     rd.run_cli(f"train_{run}", [sys.executable, str(ROOT / "jobs" / "train.py"), "--spec", str(spec), "--launcher",
-                                "ray", "--set", f"run.seed={seed}", "--set", f"run.name={run}"], work, env)  # fmt: skip
+                                "ray", "--set", f"run.seed={seed}", "--set", f"run.name={run}",
+                                *[a for kv in cfg.set for a in ("--set", kv)]], work, env)  # fmt: skip
     print(f"[bench] {run}: trained {steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
     import tifffile
 
@@ -170,6 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-channels", type=int, default=8)
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--out", type=Path, help="work folder to keep (default: a temporary folder)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="spec override for every model, own and joint (e.g. model.norm=group); repeatable",
+    )
     cfg = ap.parse_args(argv)
     if not (rd.DATA / "srf_tem").is_dir() or not (rd.DATA / "vnc_sstem").is_dir():
         print(f"bench/partial_labels.py: skipped: {rd.DATA}/srf_tem or vnc_sstem is absent")
