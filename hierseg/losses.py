@@ -4,17 +4,25 @@ For one batch the plan's loss is::
 
     loss = sum_valid CE / N  +  lambda * sum_valid (sum_k BCE_k / K) / N
 
-with ``N`` the number of valid (non-uncertain) pixels. Under data parallelism we want the gradient
-of that loss over the *global* batch (all ranks together). Each rank therefore computes its local
-*sums*, the valid count ``N`` is all-reduced as an int64, and the rank's loss is scaled by ``W / N``
-so that DDP's gradient averaging (divide by ``W``) yields exactly ``d(global sum / N)``. A rank with
-no valid pixel contributes a zero sum (and zero gradient) but still takes part in the collectives.
+with ``N`` the number of valid (non-uncertain) pixels, or voxels: logits are ``[B, C, *S]`` and labels
+``[B, *S]`` with ``S`` the spatial axes, ``(H, W)`` or ``(D, H, W)``; every rule holds per voxel in 3D.
+
+Under data parallelism we want the gradient of that loss over the *global* batch (all ranks
+together). Each rank therefore computes its local *sums*, the valid count ``N`` is all-reduced as an
+int64, and the rank's loss is scaled by ``W / N`` so that DDP's gradient averaging (divide by ``W``)
+yields exactly ``d(global sum / N)``. A rank with no valid pixel contributes a zero sum (and zero
+gradient) but still takes part in the collectives.
 
 Partial labels (``label_sets``): a stored label ``12 + i`` means "one of the fine classes of set
 ``i``". Such a pixel is valid; its fine term is ``-log sum_{c in set} softmax_c`` and its coarse
 channel ``k`` has target 1 when the set lies inside group ``k``, 0 when it misses it, and is masked
 (contributes 0, still divided by ``K``) when the set straddles it. Batches without a set id run
 exactly the code path of plain labels, so their results are bit-for-bit unchanged.
+
+Shape suffixes: ``B`` batch, ``C`` fine classes, ``K`` groups, ``N`` gathered pixels, and ``S`` after
+``B``/``C``/``K`` the spatial axes, so ``x_BKS`` is ``[B, K, H, W]`` or ``[B, K, D, H, W]``; the set
+tables' ``_SK`` rows are label sets. Class and group axes are moved with ``movedim``, never a fixed
+``permute``, so no code knows how many spatial axes there are.
 """
 
 from __future__ import annotations
@@ -56,43 +64,49 @@ class _MaskedCoarseBCESum(torch.autograd.Function):
     """``sum_valid sum_k BCE(x_k, lut[y]_k) / K`` with a hand-written backward.
 
     Autograd through ``binary_cross_entropy_with_logits`` makes several full passes over the
-    ``[B, K, H, W]`` logits and needs a materialised target; here the forward is one softplus pass
+    ``[B, K, *S]`` logits and needs a materialised target; here the forward is one softplus pass
     plus a gather of the target channel, and the backward is ``(sigmoid(x) - t) * valid / K`` built
     in place. For a partition (each fine class in exactly one group, as in the plan) the target is
-    a single channel per pixel, so no ``[B, K, H, W]`` target is ever built.
+    a single channel per pixel, so no ``[B, K, *S]`` target is ever built. Every op is along the
+    channel axis 1, so 2D and 3D run the same kernels.
     """
 
     @staticmethod
-    def forward(ctx, x_BKHW, y_safe_BHW, valid_BHW, lut_CK):  # type: ignore[override]
+    def forward(ctx, x_BKS, y_safe_BS, valid_BS, lut_CK):  # type: ignore[override]
         num_groups = lut_CK.shape[1]
-        w_B1HW = valid_BHW.unsqueeze(1).to(x_BKHW.dtype)
+        w_B1S = valid_BS.unsqueeze(1).to(x_BKS.dtype)
         # BCE(x, 1) = softplus(-x), BCE(x, 0) = softplus(x): every term is a small positive number, so
         # the sum keeps its precision near convergence (softplus(x) - x*t summed over millions of
         # pixels and subtracted at the end lost up to all of it).
-        group_B1HW = _partition_index(lut_CK)
-        bce_BKHW = F.softplus(x_BKHW)
-        if group_B1HW is not None:
-            group_B1HW = group_B1HW.to(y_safe_BHW.device)[y_safe_BHW].unsqueeze(1)
-            bce_BKHW.scatter_(1, group_B1HW, F.softplus(-x_BKHW.gather(1, group_B1HW)))
+        group_C = _partition_index(lut_CK)
+        bce_BKS = F.softplus(x_BKS)
+        group_B1S = None
+        if group_C is not None:
+            group_B1S = group_C.to(y_safe_BS.device)[y_safe_BS].unsqueeze(1)
+            bce_BKS.scatter_(1, group_B1S, F.softplus(-x_BKS.gather(1, group_B1S)))
         else:
-            target = lut_CK.to(device=x_BKHW.device, dtype=torch.bool)[y_safe_BHW].permute(0, 3, 1, 2)
-            bce_BKHW = torch.where(target, F.softplus(-x_BKHW), bce_BKHW)
-        total = (bce_BKHW.sum(1, keepdim=True) * w_B1HW).sum()
-        ctx.save_for_backward(x_BKHW, y_safe_BHW, w_B1HW, lut_CK)
-        ctx.group_index = group_B1HW
+            target_BKS = _lut_target(lut_CK, y_safe_BS, torch.bool)
+            bce_BKS = torch.where(target_BKS, F.softplus(-x_BKS), bce_BKS)
+        total = (bce_BKS.sum(1, keepdim=True) * w_B1S).sum()
+        ctx.save_for_backward(x_BKS, y_safe_BS, w_B1S, lut_CK)
+        ctx.group_index = group_B1S
         return total / num_groups
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        x_BKHW, y_safe_BHW, w_B1HW, lut_CK = ctx.saved_tensors
-        scale_B1HW = w_B1HW * (grad_out / lut_CK.shape[1])
-        grad = torch.sigmoid(x_BKHW).mul_(scale_B1HW)
+        x_BKS, y_safe_BS, w_B1S, lut_CK = ctx.saved_tensors
+        scale_B1S = w_B1S * (grad_out / lut_CK.shape[1])
+        grad_BKS = torch.sigmoid(x_BKS).mul_(scale_B1S)
         if ctx.group_index is not None:
-            grad.scatter_add_(1, ctx.group_index, -scale_B1HW)
+            grad_BKS.scatter_add_(1, ctx.group_index, -scale_B1S)
         else:
-            target = lut_CK.to(device=x_BKHW.device, dtype=x_BKHW.dtype)[y_safe_BHW].permute(0, 3, 1, 2)
-            grad.sub_(target * scale_B1HW)
-        return grad, None, None, None
+            grad_BKS.sub_(_lut_target(lut_CK, y_safe_BS, x_BKS.dtype) * scale_B1S)
+        return grad_BKS, None, None, None
+
+
+def _lut_target(lut_CK: torch.Tensor, y_safe_BS: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``lut[y]`` with the group axis moved to 1: a ``[B, K, *S]`` view of a ``[B, *S, K]`` gather (any ``S``)."""
+    return lut_CK.to(device=y_safe_BS.device, dtype=dtype)[y_safe_BS].movedim(-1, 1)
 
 
 _PARTITION_INDEX: dict[int, tuple[int, torch.Tensor | None]] = {}  # id(lut) -> (version, index)
@@ -118,11 +132,11 @@ def _partition_index(lut_CK: torch.Tensor) -> torch.Tensor | None:
 
 
 def coarse_bce_sum(
-    logits_coarse_BKHW: torch.Tensor, y_safe_BHW: torch.Tensor, valid_BHW: torch.Tensor, lut_CK: torch.Tensor
+    logits_coarse_BKS: torch.Tensor, y_safe_BS: torch.Tensor, valid_BS: torch.Tensor, lut_CK: torch.Tensor
 ) -> torch.Tensor:
     """Sum over valid pixels of the per-pixel BCE averaged over the K channels (fp32 or fp64)."""
-    assert logits_coarse_BKHW.shape[1] == lut_CK.shape[1], "coarse head width must match the LUT"
-    return _MaskedCoarseBCESum.apply(_acc(logits_coarse_BKHW), y_safe_BHW, valid_BHW, lut_CK)
+    assert logits_coarse_BKS.shape[1] == lut_CK.shape[1], "coarse head width must match the LUT"
+    return _MaskedCoarseBCESum.apply(_acc(logits_coarse_BKS), y_safe_BS, valid_BS, lut_CK)
 
 
 def hierarchical_loss(
@@ -138,9 +152,9 @@ def hierarchical_loss(
     """Masked CE + lambda * masked BCE, normalised by the global valid-pixel count.
 
     Args:
-        logits_fine: ``[B, 12, H, W]`` fine logits.
-        logits_coarse: ``[B, K, H, W]`` coarse logits, or one such tensor per hierarchy level.
-        y_fine: ``[B, H, W]`` integer labels in ``0..11`` or ``IGNORE_INDEX``.
+        logits_fine: ``[B, 12, *S]`` fine logits, ``S`` = ``(H, W)`` or ``(D, H, W)``.
+        logits_coarse: ``[B, K, *S]`` coarse logits, or one such tensor per hierarchy level.
+        y_fine: ``[B, *S]`` integer labels in ``0..11`` or ``IGNORE_INDEX``.
         coarse_lut: ``[12, K]`` table (or one per level) mapping fine class -> group membership.
         lambda_coarse: weight of the coarse term (or one per level).
         process_group: group to reduce over when ``torch.distributed`` is initialised
@@ -158,20 +172,23 @@ def hierarchical_loss(
         [float(lambda_coarse)] * len(coarse_list) if isinstance(lambda_coarse, (int, float)) else list(lambda_coarse)
     )
     assert len(coarse_list) == len(luts) == len(lambdas), "one LUT and one lambda per coarse head"
-    assert logits_fine.dim() == 4 and y_fine.dim() == 3, "logits [B,C,H,W], labels [B,H,W]"
+    assert logits_fine.dim() in (4, 5) and y_fine.shape == logits_fine.shape[:1] + logits_fine.shape[2:], (
+        f"logits [B, C, *S] with labels [B, *S], S = (H, W) or (D, H, W); got logits {tuple(logits_fine.shape)}, "
+        f"labels {tuple(y_fine.shape)}"
+    )
 
     y = y_fine.long()
-    valid_BHW = y != IGNORE_INDEX
-    num_valid = valid_BHW.sum(dtype=torch.int64)
+    valid_BS = y != IGNORE_INDEX
+    num_valid = valid_BS.sum(dtype=torch.int64)
 
     if _uses_sets(y, label_sets):
         fine_sum, coarse_sums = _set_label_sums(logits_fine, coarse_list, y, luts, label_sets)
     else:
-        y_safe_BHW = torch.where(valid_BHW, y, 0)
+        y_safe_BS = torch.where(valid_BS, y, 0)
         # CE's ignore_index already gives zero loss and zero gradient to uncertain pixels; fp32 sums.
         fine_sum = F.cross_entropy(_acc(logits_fine), y, ignore_index=IGNORE_INDEX, reduction="sum")
         coarse_sums = torch.stack(
-            [coarse_bce_sum(lc, y_safe_BHW, valid_BHW, lut) for lc, lut in zip(coarse_list, luts, strict=True)]
+            [coarse_bce_sum(lc, y_safe_BS, valid_BS, lut) for lc, lut in zip(coarse_list, luts, strict=True)]
         )
     # Python-float weights: no host-to-device copy per step.
     local_sum = fine_sum + sum(lam * coarse_sums[i] for i, lam in enumerate(lambdas))
@@ -221,29 +238,29 @@ def _set_label_sums(
     """Fine and per-level coarse sums when the batch holds set ids.
 
     Single-class pixels use the same kernels as the plain path (set pixels act as uncertain
-    there); set pixels are gathered into ``[N, C]`` rows so no ``[B, C, H, W]`` set mask is built
-    and no per-pixel Python runs.
+    there); set pixels are gathered into ``[N, C]`` rows (class axis moved last, any ``S``) so no
+    ``[B, C, *S]`` set mask is built and no per-pixel Python runs.
     """
-    is_set_BHW = y >= SET_ID_OFFSET
-    fine_px_BHW = (y != IGNORE_INDEX) & ~is_set_BHW
-    y_fine_only = torch.where(is_set_BHW, IGNORE_INDEX, y)
-    y_safe_BHW = torch.where(fine_px_BHW, y, 0)
-    set_id_N = y[is_set_BHW] - SET_ID_OFFSET
+    is_set_BS = y >= SET_ID_OFFSET
+    fine_px_BS = (y != IGNORE_INDEX) & ~is_set_BS
+    y_fine_only = torch.where(is_set_BS, IGNORE_INDEX, y)
+    y_safe_BS = torch.where(fine_px_BS, y, 0)
+    set_id_N = y[is_set_BS] - SET_ID_OFFSET
     members_NC = label_sets.to(device=y.device, dtype=torch.bool)[set_id_N]
 
     # cross_entropy is nll_loss(log_softmax(x, 1)); sharing that one log_softmax pass, a set pixel's
     # -log sum_{c in S} softmax_c = -logsumexp over S of log_softmax is stable and, for a set of
     # one class, bit-identical to that class's CE term (logsumexp of one finite entry is the entry).
-    logp_BCHW = torch.log_softmax(_acc(logits_fine), dim=1)
-    fine_sum = F.nll_loss(logp_BCHW, y_fine_only, ignore_index=IGNORE_INDEX, reduction="sum")
-    logp_NC = logp_BCHW.permute(0, 2, 3, 1)[is_set_BHW]
+    logp_BCS = torch.log_softmax(_acc(logits_fine), dim=1)
+    fine_sum = F.nll_loss(logp_BCS, y_fine_only, ignore_index=IGNORE_INDEX, reduction="sum")
+    logp_NC = logp_BCS.movedim(1, -1)[is_set_BS]
     fine_sum = fine_sum - torch.logsumexp(logp_NC.masked_fill(~members_NC, -torch.inf), dim=1).sum()
 
     coarse = []
     for lc, lut in zip(coarse_list, luts, strict=True):
-        plain = coarse_bce_sum(lc, y_safe_BHW, fine_px_BHW, lut)
+        plain = coarse_bce_sum(lc, y_safe_BS, fine_px_BS, lut)
         target_SK, known_SK = set_coarse_targets(label_sets.to(y.device), lut.to(y.device))
-        x_NK = _acc(lc).permute(0, 2, 3, 1)[is_set_BHW]
+        x_NK = _acc(lc).movedim(1, -1)[is_set_BS]
         bce_NK = F.binary_cross_entropy_with_logits(x_NK, target_SK[set_id_N].to(x_NK.dtype), reduction="none")
         masked = torch.where(known_SK[set_id_N], bce_NK, torch.zeros_like(bce_NK))
         coarse.append(plain + masked.sum() / lut.shape[1])

@@ -2,6 +2,10 @@
 
 Counts are summed over ranks once (``all_reduce``), and every rate (IoU, Dice, accuracy,
 consistency) is derived afterwards from the global sums, never averaged over ranks.
+
+Every update takes 2D (``[B, H, W]`` labels, ``[B, K, H, W]`` probabilities) or 3D (``[B, D, H, W]``,
+``[B, K, D, H, W]``) batches alike: ``S`` in a name stands for the spatial axes, and the group axis is
+moved last with ``movedim`` before pixels are gathered, so a voxel counts exactly as a pixel does.
 """
 
 from __future__ import annotations
@@ -157,12 +161,12 @@ class GroupConfusion:
             self.target = torch.cat([self.target, inside.long()])
             self.known = torch.cat([self.known, known])
 
-    def update(self, prob_BKHW: torch.Tensor, y_fine_BHW: torch.Tensor) -> GroupConfusion:
+    def update(self, prob_BKS: torch.Tensor, y_fine_BS: torch.Tensor) -> GroupConfusion:
         """Add one batch of coarse probabilities against LUT targets derived from the fine label."""
-        y = y_fine_BHW.to(self.counts.device).long()
+        y = y_fine_BS.to(self.counts.device).long()
         keep = (y >= 0) & (y < self.target.shape[0])
         target_NK = self.target[y[keep]]
-        pred_NK = (prob_BKHW.to(self.counts.device).permute(0, 2, 3, 1)[keep] > self.threshold).long()
+        pred_NK = (prob_BKS.to(self.counts.device).movedim(1, -1)[keep] > self.threshold).long()
         k = torch.arange(self.num_groups, device=self.counts.device)
         idx = k * 4 + target_NK * 2 + pred_NK  # [N, K]
         if self.target.shape[0] > self.lut.shape[0]:
@@ -203,11 +207,11 @@ class HierarchyConsistency:
         self.threshold = threshold
         self.counts = torch.zeros(2, dtype=torch.int64, device=device)  # consistent, total
 
-    def update(self, pred_fine_BHW: torch.Tensor, prob_BKHW: torch.Tensor, y_fine_BHW: torch.Tensor) -> None:
-        y = y_fine_BHW.to(self.counts.device)
+    def update(self, pred_fine_BS: torch.Tensor, prob_BKS: torch.Tensor, y_fine_BS: torch.Tensor) -> None:
+        y = y_fine_BS.to(self.counts.device)
         keep = y != IGNORE_INDEX
-        need_NK = self.lut[pred_fine_BHW.to(self.counts.device).long()[keep]]
-        pos_NK = prob_BKHW.to(self.counts.device).permute(0, 2, 3, 1)[keep] > self.threshold
+        need_NK = self.lut[pred_fine_BS.to(self.counts.device).long()[keep]]
+        pos_NK = prob_BKS.to(self.counts.device).movedim(1, -1)[keep] > self.threshold
         ok = (~need_NK | pos_NK).all(dim=1)
         self.counts += torch.stack([ok.sum(), torch.tensor(ok.numel(), device=ok.device)])
 
@@ -241,7 +245,7 @@ class EvalMetrics:
 
     @torch.no_grad()
     def update(self, pred_fine: torch.Tensor, coarse_probs: Sequence[torch.Tensor], y_fine: torch.Tensor) -> None:
-        """One batch of decided fine labels ``[B, H, W]`` and coarse probabilities ``[B, K, H, W]`` per level."""
+        """One batch of decided fine labels ``[B, *S]`` and coarse probabilities ``[B, K, *S]`` per level (2D or 3D)."""
         self.fine.update(pred_fine, y_fine)
         for gc, hc, prob in zip(self.coarse, self.consistency, coarse_probs, strict=True):
             gc.update(prob, y_fine)

@@ -19,8 +19,10 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PositiveFloat,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -165,9 +167,10 @@ class DataSpec(_Strict):
     ``train``, scored per source and together); every sample is evaluated exactly once."""
     batch_size: PosInt
     """Global batch size per step, summed over all workers (must divide by ``run.num_workers``)."""
-    patch_size: PosInt = 256
+    patch_size: PosInt | list[PosInt] = 256
     """Side of the square crop drawn at a fresh random position from a stored slice for every training
-    sample (validation scores whole slices through the same sliding window as ``hierseg predict``)."""
+    sample (validation scores whole slices through the same sliding window as ``hierseg predict``); with
+    ``model.dims: 3``, a 3D crop ``[z, y, x]`` whose sides the network's pooling divides."""
     normalization: NormalizationSpec = NormalizationSpec()
     """Input normalisation, recorded in checkpoints and the logged model so prediction applies the same."""
     num_workers: NonNegInt = 2
@@ -185,6 +188,16 @@ class DataSpec(_Strict):
     """When set and the shard folders are absent, generate synthetic EM-like shards there first."""
     label_sets: list[LabelSetSpec] | None = None
     """Partial-label table (label ``12 + i`` = "one of set ``i``'s classes"); ``null``: the training manifest's."""
+
+    @field_validator("patch_size")
+    @classmethod
+    def _patch_zyx(cls, v: int | list[int]) -> int | list[int]:
+        if isinstance(v, list) and len(v) != 3:
+            raise ValueError(
+                f"{v}: a list is a 3D patch [z, y, x] (three sides, with model.dims: 3); a 2D patch is one side, "
+                "for example 256"
+            )
+        return v
 
     @field_validator("label_sets")
     @classmethod
@@ -248,7 +261,16 @@ class DataSpec(_Strict):
 
 # ---------------------------------------------------------------------------------------------- model
 class ModelSpec(_Strict):
-    """2D U-Net backbone with a fine head and one sigmoid head per hierarchy level."""
+    """U-Net backbone (2D, or 3D planned from the voxel size) with a fine head and one sigmoid head per level."""
+
+    dims: Literal[2, 3] = 2
+    """Spatial dimensions: 2 (slices or tiles; 2.5D context as channels) or 3 (a 3D U-Net on ``[z, y, x]``
+    crops, ``data.patch_size`` then a list of three sides). Training in 3D is not yet supported: it needs 3D
+    shards, which come later."""
+    voxel_size: list[PositiveFloat] | None = None
+    """Voxel size ``[z, y, x]`` in nm that plans the 3D network (``dims: 3`` only): an axis is pooled, and
+    convolved across, only while its spacing is under twice the finest (nnU-Net's rule), so coarse-z stacks
+    pool in xy first; ``null``: isotropic (shards do not record their voxel size yet)."""
 
     in_channels: PosInt = 1
     """Image channels (1 for EM; 2.5D context slices add channels)."""
@@ -265,6 +287,15 @@ class ModelSpec(_Strict):
     (fp32) and 2.0x (bf16) faster with ``norm: batch``, but 0.83x with ``norm: group``."""
     compile: bool = False
     """Wrap the model in ``torch.compile``."""
+
+    @field_validator("voxel_size")
+    @classmethod
+    def _voxel_size_for_3d(cls, v: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        if v is not None and len(v) != 3:
+            raise ValueError(f"{v}: give three sizes [z, y, x] in nm")
+        if v is not None and info.data.get("dims") == 2:  # dims is declared first, so it is validated already
+            raise ValueError("only the 3D network uses it (model.dims is 2); remove it, or set model.dims: 3")
+        return v
 
 
 class LevelSpec(_Strict):
@@ -403,9 +434,28 @@ class JobSpec(_Strict):
                 f"data source {sorted(clash)[0]!r} has the name of a hierarchy level: val/{sorted(clash)[0]}/... "
                 "would mean both; rename the source"
             )
+        self._check_patch_dims()
         if self.run.precision == "bf16" and not self.run.use_gpu:
             warnings.warn("run.precision=bf16 is ignored on CPU (run.use_gpu is false); training in fp32", stacklevel=2)
         return self
+
+    def _check_patch_dims(self) -> None:
+        """``data.patch_size`` takes the form of ``model.dims``, and a 3D patch pools without padding."""
+        patch, dims = self.data.patch_size, self.model.dims
+        if dims == 2 and isinstance(patch, list):
+            raise ValueError(
+                f"data.patch_size {patch} is a 3D patch [z, y, x] but model.dims is 2; give one side (for example "
+                "256), or set model.dims: 3"
+            )
+        if dims == 3 and not isinstance(patch, list):
+            raise ValueError(
+                f"data.patch_size {patch} is a 2D side but model.dims is 3; give a 3D patch [z, y, x], "
+                "for example [16, 128, 128]"
+            )
+        if dims == 3:
+            from hierseg.model import check_patch_size, plan_unet  # here, not at the top: hierseg.model imports spec
+
+            check_patch_size(plan_unet(self.model.depth, 3, self.model.voxel_size), patch)
 
     def lambdas(self) -> list[float]:
         lam = self.loss.lambda_coarse

@@ -33,14 +33,15 @@ def run_ranks(world: int, fn: Callable[..., Any], *args: Any) -> list[Any]:
 
 
 class TinyNet(nn.Module):
-    """A small deterministic two-head net for DDP gradient comparisons."""
+    """A small deterministic two-head net for DDP gradient comparisons (``dims=3``: on ``[B, 1, D, H, W]``)."""
 
-    def __init__(self):
+    def __init__(self, dims: int = 2):
         super().__init__()
         torch.manual_seed(0)
-        self.body = nn.Conv2d(1, 8, 3, padding=1)
-        self.fine = nn.Conv2d(8, 12, 1)
-        self.coarse = nn.Conv2d(8, 5, 1)
+        conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        self.body = conv(1, 8, 3, padding=1)
+        self.fine = conv(8, 12, 1)
+        self.coarse = conv(8, 5, 1)
 
     def forward(self, x):
         h = torch.tanh(self.body(x))

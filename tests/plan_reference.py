@@ -46,3 +46,21 @@ def compute_losses(logits_fine, logits_coarse, y_fine, lut=PLAN_LUT, lambda_coar
     bce = F.binary_cross_entropy_with_logits(logits_coarse, y_coarse, reduction="none")
     loss_coarse = (bce.mean(dim=1) * valid).sum() / denom
     return loss_fine + lambda_coarse * loss_coarse, loss_fine, loss_coarse
+
+
+# ------------------------------------------------------------------------------------------ voxel-wise
+def slices_of(t):
+    """``[B, C, D, H, W] -> [B*D, C, H, W]`` (labels ``[B, D, H, W] -> [B*D, H, W]``): every z slice a 2D sample.
+
+    The plan's terms are sums over voxels divided by the number of valid voxels, so they are the same sums
+    over the slices of a 3D batch: applying the 2D formula to the slices is applying it voxel-wise.
+    """
+    if t.dim() == 5:
+        return t.movedim(2, 1).flatten(0, 1)
+    assert t.dim() == 4, "a 3D batch: logits [B, C, D, H, W] or labels [B, D, H, W]"
+    return t.flatten(0, 1)
+
+
+def compute_losses_voxelwise(logits_fine, logits_coarse, y_fine, lut=PLAN_LUT, lambda_coarse=0.2):
+    """The plan's compute_losses on a 3D batch ``[B, C, D, H, W]``, every voxel counted as a pixel."""
+    return compute_losses(slices_of(logits_fine), slices_of(logits_coarse), slices_of(y_fine), lut, lambda_coarse)

@@ -31,7 +31,7 @@ from hierseg.tracking import check_tracking_uri, end_run, run_is_open, set_offli
 from hierseg.train.checkpoint import atomic_write_text, follow_umask
 from hierseg.train.checkpointer import OFFLINE_RECORD, check_resumable, run_dir
 from hierseg.train.context import close_context, init_context
-from hierseg.train.loop import train_worker
+from hierseg.train.loop import check_dims_supported, train_worker
 
 
 class PreflightError(ValueError):
@@ -88,7 +88,12 @@ def preflight_data_only(spec: JobSpec) -> None:
 
 
 def preflight(spec: JobSpec) -> None:
-    """Everything checkable before any work: the run folder first (it takes the lock), then data and tracking."""
+    """Everything checkable before any work: what this version cannot train yet, the run folder (it takes
+    the lock), then data and tracking."""
+    try:
+        check_dims_supported(spec)
+    except NotImplementedError as e:
+        raise PreflightError(str(e)) from None
     check_storage(spec)
     lock_run_dir(spec)
     try:

@@ -85,6 +85,16 @@ def per_rank_batch(spec: JobSpec, ctx: DistContext) -> int:
     return batch // world
 
 
+def check_dims_supported(spec: JobSpec) -> None:
+    """One clear line for a 3D spec: the network, loss and metrics take 3D, but shards, loader and
+    evaluation are still 2D, which would otherwise fail deep inside the first batch."""
+    if spec.model.dims == 3:
+        raise NotImplementedError(
+            "model.dims 3 is not yet supported: 3D shards (the 3D shard builder, crop loader and prediction "
+            "come in a later release); train with model.dims: 2"
+        )
+
+
 def _build_model(spec: JobSpec, ctx: DistContext, hierarchy: Hierarchy) -> tuple[UNet, torch.nn.Module]:
     torch.manual_seed(spec.run.seed)  # same initial weights on every rank
     model = build_model(spec.model, hierarchy).to(ctx.device)
@@ -102,6 +112,7 @@ def _build_model(spec: JobSpec, ctx: DistContext, hierarchy: Hierarchy) -> tuple
 
 
 def build_job(spec: JobSpec, ctx: DistContext, run_id: str | None) -> Job:
+    check_dims_supported(spec)
     batch = per_rank_batch(spec, ctx)
     hierarchy = spec.hierarchy.build()
     model, train_model = _build_model(spec, ctx, hierarchy)
