@@ -13,6 +13,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.train_utils import sqlite_store
+
 EXPERIMENT = "registry-tests"
 MODEL = "tiny-seg"
 
@@ -49,7 +51,7 @@ def _spec(work: Path, lambda_coarse: float) -> dict:
             "log_every": 4,
             "storage_path": str(work / "runs"),
         },
-        "tracking": {"uri": f"sqlite:///{work}/mlflow.db", "experiment": EXPERIMENT},
+        "tracking": {"uri": sqlite_store(work), "experiment": EXPERIMENT},
     }
 
 

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -75,11 +76,14 @@ def test_exact_resume_matches_uninterrupted_run(shards, tmp_path):
     full = tiny_spec(shards, tmp_path / "a", run={"num_workers": 1}, tracking={"log_model": False}, model=model)
     part = tiny_spec(shards, tmp_path / "b", run={"num_workers": 1, "stop_at_step": 4}, tracking={"log_model": False},
                      model=model)  # fmt: skip
-    for spec, name in ((full, "a.yaml"), (part, "b.yaml")):
-        (tmp_path / name[0]).mkdir()
-        out = train_cli(write_spec(spec, tmp_path / name), "--launcher", "local")
+    # the uninterrupted and the interrupted run are independent: run them side by side (test time)
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(train_cli, write_spec(spec, tmp_path / name), "--launcher", "local")
+                for spec, name in ((full, "a.yaml"), (part, "b.yaml"))]  # fmt: skip
+        outs = [r.result() for r in runs]
+    for out in outs:
         assert out.returncode == 0, out.stderr[-3000:]
-    assert "stopped at step 4" in out.stderr
+    assert "stopped at step 4" in outs[1].stderr
     assert _latest_model(tmp_path / "b" / "runs" / "t")["step"] == 4
     out = train_cli(tmp_path / "b.yaml", "--launcher", "local", "--set", "run.stop_at_step=null")
     assert out.returncode == 0, out.stderr[-3000:]

@@ -15,6 +15,29 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "jobs" / "train.py")
 
 
+def sqlite_store(work: Path) -> str:
+    """``sqlite:///<work>/mlflow.db``, a real MLflow store, created from an already migrated empty copy.
+
+    Why: MLflow runs its ~60 schema migrations whenever it opens a new SQLite file (4-8 s per test
+    process); the copy is the file those migrations produce, made once per MLflow version.
+    """
+    import shutil
+
+    import mlflow
+
+    template = Path(tempfile.gettempdir()) / f"hierseg-test-mlflow-{mlflow.__version__}.db"
+    if not template.exists():
+        tmp = template.with_name(f"{template.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        mlflow.MlflowClient(f"sqlite:///{tmp}").search_experiments()
+        os.replace(tmp, template)
+    work.mkdir(parents=True, exist_ok=True)
+    db = work / "mlflow.db"
+    if not db.exists():
+        shutil.copyfile(template, db)
+    return f"sqlite:///{db}"
+
+
 def tiny_spec(shards: Path, work: Path, **sections: dict[str, Any]) -> dict[str, Any]:
     """A spec small enough to train in seconds on CPU; ``sections`` override parts of it."""
     spec: dict[str, Any] = {
@@ -37,7 +60,7 @@ def tiny_spec(shards: Path, work: Path, **sections: dict[str, Any]) -> dict[str,
             "log_every": 2,
             "storage_path": str(work / "runs"),
         },
-        "tracking": {"uri": f"sqlite:///{work}/mlflow.db", "experiment": "tests"},
+        "tracking": {"uri": sqlite_store(work), "experiment": "tests"},
     }
     for key, value in sections.items():
         spec[key] = {**spec.get(key, {}), **value}
