@@ -65,12 +65,16 @@ def _train_args(args: Any) -> list[str] | None:
 def failure_line(error: Any) -> tuple[str, int]:
     """One line and an exit code for torchrun's ``ChildFailedError``: the first failed rank's own message.
 
-    A rank that wrote an error file comes first: ranks torchrun stopped because another one failed
-    write none, and timestamps have one-second resolution, so torchrun's own "first failure" may be one of them.
+    A rank that wrote an error file and exited by itself comes first: torchrun stops the other ranks once one
+    fails (they show as killed by SIGTERM, with or without an error file), and timestamps have one-second
+    resolution, so torchrun's own "first failure" may be one of those.
     """
-    rank, failure = min(
-        error.failures.items(), key=lambda item: (not os.path.isfile(item[1].error_file), item[1].timestamp, item[0])
-    )
+
+    def key(item: tuple[int, Any]) -> tuple[bool, bool, int, int]:
+        rank, failure = item
+        return not os.path.isfile(failure.error_file), failure.exitcode < 0, failure.timestamp, rank
+
+    rank, failure = min(error.failures.items(), key=key)
     message = failure.message
     if isinstance(message, dict):  # a script decorated with torch's @record: "Type: message"
         message = message.get("message", "")
