@@ -455,19 +455,23 @@ def ray_bad_label(ctx: Ctx) -> list[str]:
     return ctx.train(spec, launcher="ray")
 
 
+TORCHRUN_ARGS = ["--standalone", "--nproc_per_node", "2", str(ROOT / "jobs" / "train.py")]
+
+
 def torchrun_world_over_batch(ctx: Ctx) -> list[str]:
+    """Plain torchrun: its own ChildFailedError traceback ends the output, whatever the ranks print."""
     spec = ctx.spec({"data": {"batch_size": 1}})
-    return [
-        PY,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(ROOT / "jobs" / "train.py"),
-        "--spec",
-        str(spec),
-    ]
+    return [PY, "-m", "torch.distributed.run", *TORCHRUN_ARGS, "--spec", str(spec)]
+
+
+def hierseg_torchrun_world_over_batch(ctx: Ctx) -> list[str]:
+    spec = ctx.spec({"data": {"batch_size": 1}})
+    return [*CLI, "torchrun", *TORCHRUN_ARGS, "--spec", str(spec)]
+
+
+def hierseg_torchrun_rank_fails(ctx: Ctx) -> list[str]:
+    spec = ctx.spec({"data": {"batch_size": 2}, "tracking": {"uri": "htp://127.0.0.1:1", "log_model": False}})
+    return [*CLI, "torchrun", *TORCHRUN_ARGS, "--spec", str(spec)]
 
 
 LAUNCHERS = [
@@ -475,6 +479,10 @@ LAUNCHERS = [
     Case("ray: dead RAY_ADDRESS", "26", ray_dead_address, timeout=180),
     Case("ray: label value 50 in shards (2 workers)", "20", ray_bad_label, ("50", "shard-00"), timeout=300),
     Case("torchrun: world size 2 > batch 1", "8", torchrun_world_over_batch, ("data.batch_size",), timeout=240),
+    Case("hierseg torchrun: world size 2 > batch 1", "8", hierseg_torchrun_world_over_batch, ("data.batch_size",)),
+    Case(
+        "hierseg torchrun: a rank fails (bad URI)", "8", hierseg_torchrun_rank_fails, ("failed:", "htp://127.0.0.1:1")
+    ),
 ]
 
 

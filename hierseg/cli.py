@@ -4,19 +4,24 @@ Every verb (and every ``jobs/*.py`` script) runs through :func:`run_verb`: an er
 ``hierseg <verb>: <message>`` and exit 1 (argument and spec errors keep their own exit 2); the
 traceback is printed only with ``--debug`` (or ``HIERSEG_DEBUG=1``). Errors raised on Ray workers
 arrive wrapped (``TrainingFailedError`` -> worker failures -> ``RayTaskError``); the message shown is
-the root cause's, which is the one hierseg wrote.
+the root cause's, which is the one hierseg wrote. Under torchrun the line also goes into the rank's
+error file, so torchrun's failure summary and ``hierseg torchrun`` show it.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import json
 import os
 import sys
+import time
 from collections.abc import Callable
 
 # verb -> "module:function"; imported lazily so `hierseg --help` does not pay for torch/ray/mlflow.
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("hierseg.train.cli:main", "train a model from a job spec (Ray, torchrun or local)"),
+    "torchrun": ("hierseg.train.torchrun:main", "torchrun that checks the layout first and ends in one line"),
     "make-shards": ("hierseg.data.shards:main", "convert images/volumes + labels into WebDataset shards"),
     "synth": ("hierseg.data.synth:main", "generate synthetic EM-like images and labels"),
     "predict": ("hierseg.infer:main", "segment images or stacks with a trained model"),
@@ -73,22 +78,61 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer ``>= minimum``, else a usage error naming the value (exit 2)."""
+
+    what = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+
+    return parse
+
+
+def debug_requested() -> bool:
+    """``--debug`` (exported by :func:`run_verb`) or ``HIERSEG_DEBUG=1``: show tracebacks, in child processes too."""
+    return os.environ.get("HIERSEG_DEBUG", "") not in ("", "0")
+
+
+def report_error(verb: str, message: str) -> None:
+    """Print hierseg's one line; under torchrun also write it to this rank's error file.
+
+    Why the error file: torchrun's summary of a failed rank shows that file's message (otherwise only
+    "To enable traceback see ..."), and ``hierseg torchrun`` ends with it as its one line.
+    """
+    print(f"hierseg {verb}: {message}", file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        try:  # the string form torch.distributed.elastic reads as the whole message
+            with open(error_file, "w") as f:
+                json.dump({"message": f"hierseg {verb}: {message}", "timestamp": int(time.time())}, f)
+        except OSError:
+            pass  # the line is on stderr already; the summary falls back to torchrun's own text
+
+
 def run_verb(verb: str, func: Callable[[list[str]], int | None], argv: list[str]) -> int:
     """Run one verb: one line and exit 1 on error, the traceback only with ``--debug``."""
-    debug = "--debug" in argv or os.environ.get("HIERSEG_DEBUG", "") not in ("", "0")
+    if "--debug" in argv:
+        os.environ["HIERSEG_DEBUG"] = "1"  # processes this verb starts (torchrun's ranks) follow
+    debug = debug_requested()
     argv = [a for a in argv if a != "--debug"]
     try:
         return int(func(argv) or 0)
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"hierseg {verb}: interrupted", file=sys.stderr)
+        report_error(verb, "interrupted")
         return 130
     except Exception as e:
         if debug:
             raise
-        cause = root_cause(e)
-        print(f"hierseg {verb}: {one_line(cause)} (rerun with --debug for the traceback)", file=sys.stderr)
+        report_error(verb, f"{one_line(root_cause(e))} (rerun with --debug for the traceback)")
         return 1
 
 

@@ -63,10 +63,16 @@ def class_index(name: str | int) -> int:
         return name
     key = _norm(str(name))
     if key not in _CLASS_INDEX:
-        close = difflib.get_close_matches(key, list(_CLASS_INDEX), n=1)
-        hint = f" (did you mean {FINE_CLASSES[_CLASS_INDEX[close[0]]]!r}?)" if close else ""
+        close = closest(key, list(_CLASS_INDEX))
+        hint = f" (did you mean {FINE_CLASSES[_CLASS_INDEX[close]]!r}?)" if close else ""
         raise ValueError(f"unknown fine class {name!r}{hint}; known classes: {', '.join(FINE_CLASSES)}")
     return _CLASS_INDEX[key]
+
+
+def closest(word: str, known: Sequence[str]) -> str | None:
+    """The known name ``word`` most likely misspells, or None: the "did you mean" of every error message."""
+    close = difflib.get_close_matches(word, list(known), n=1)
+    return close[0] if close else None
 
 
 def first_duplicate(names: Sequence[str]) -> str | None:

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import difflib
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -27,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from hierseg.labels import DEFAULT_GROUPS, Hierarchy, LabelSets, first_duplicate
+from hierseg.labels import DEFAULT_GROUPS, Hierarchy, LabelSets, closest, first_duplicate
 
 PosInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -563,8 +562,8 @@ def _describe(err: dict[str, Any]) -> str:
     if kind == "extra_forbidden":
         parent = _model_at(loc[:-1])
         known = list(parent.model_fields) if parent else []
-        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-        hint = f"did you mean {close[0]}?" if close else f"allowed keys: {', '.join(known)}"
+        close = closest(str(loc[-1]), known)
+        hint = f"did you mean {close}?" if close else f"allowed keys: {', '.join(known)}"
         return f"{path}: unknown field; {hint}"
     if kind == "missing":
         return f"{path}: required field is missing; add it to the spec"

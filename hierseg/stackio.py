@@ -9,6 +9,7 @@ chunked zarr/HDF5 datasets).
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from hierseg.data.io import IMAGE_SUFFIXES, check_not_colour, list_images, read_array, split_source
+from hierseg.data.io import IMAGE_SUFFIXES, check_not_colour, check_slice, list_images, read_array, split_source
+from hierseg.fsutil import check_folder_path
 
 
 class StackError(ValueError):
@@ -38,6 +40,8 @@ class SliceStack:
     def __getitem__(self, z: int) -> np.ndarray:
         try:
             return np.asarray(self._get(z))
+        except StackError:
+            raise
         except Exception as e:
             raise StackError(f"cannot read slice {z} of {self.name}: {type(e).__name__}: {e}") from None
 
@@ -97,6 +101,19 @@ def _open_h5(path: Path, inner: str | None) -> SliceStack:
     return stack
 
 
+def _slice_folder(path: Path, files: list[Path]) -> SliceStack:
+    """A folder of slices; a slice whose size is not the first's is refused by name when it is reached."""
+    first = read_array(files[0])
+
+    def get(z: int) -> np.ndarray:
+        try:
+            return check_slice(files, z, read_array(files[z]), first.shape)
+        except ValueError as e:  # read_array's and check_slice's messages name the file
+            raise StackError(str(e)) from None
+
+    return SliceStack((len(files), *first.shape), get, str(path))
+
+
 def open_input(spec: str) -> SliceStack:
     """A 2D image, a folder of slices, a (multi-page) TIFF, ``file.h5:dataset``, zarr or ``.npy``, read lazily."""
     path, inner = split_source(spec)
@@ -117,8 +134,7 @@ def open_input(spec: str) -> SliceStack:
             files = list_images(path)
             if not files:
                 raise StackError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-            first = read_array(files[0])
-            return SliceStack((len(files), *first.shape), lambda z: read_array(files[z]), str(path))
+            return _slice_folder(path, files)
         if path.suffix.lower() in (".tif", ".tiff"):
             return _open_tiff(path)
         if path.suffix.lower() == ".npy":
@@ -153,10 +169,15 @@ def _layouts(shape: tuple[int, ...], k: int, is_2d: bool, label_values: bool) ->
 
 
 class _ArraySink:
-    """Writes slices into array-likes (zarr/HDF5 datasets or ``.npy`` memory maps) of full shape."""
+    """Writes slices into array-likes (zarr/HDF5 datasets or ``.npy`` memory maps) of full shape.
 
-    def __init__(self, arrays: dict[str, Any], is_2d: bool, closer: Any = None):
-        self.arrays, self.is_2d, self._closer = arrays, is_2d, closer
+    The arrays are temporaries: ``commit()`` puts them in place of the outputs (replacing hierseg's own earlier
+    ones), ``abort()`` removes them. Why: a prediction that stops half-way (a bad slice, Ctrl-C) must leave
+    neither half-written outputs nor, with ``--overwrite``, a previous result destroyed for nothing.
+    """
+
+    def __init__(self, arrays: dict[str, Any], is_2d: bool, publish: Any, discard: Any):
+        self.arrays, self.is_2d, self._publish, self._discard = arrays, is_2d, publish, discard
 
     def write(self, z: int, out: dict[str, np.ndarray]) -> None:
         for name, arr in self.arrays.items():
@@ -171,20 +192,27 @@ class _ArraySink:
         for arr in self.arrays.values():
             if isinstance(arr, np.memmap):
                 arr.flush()
-        if self._closer is not None:
-            self._closer()
+
+    def commit(self) -> None:
+        self.close()
+        self._publish()
+
+    def abort(self) -> None:
+        self.close()
+        self._discard()
 
 
 class _FolderSink(_ArraySink):
     """``<folder>/<name>.tif`` (pages written as they come) plus ``coarse_prob.npy`` ``[K, ...]``."""
 
-    def __init__(self, folder: Path, layouts: dict[str, tuple[tuple[int, ...], str]], is_2d: bool):
+    def __init__(self, files: dict[str, Path], layouts: dict[str, tuple[tuple[int, ...], str]], is_2d: bool,
+                 publish: Any, discard: Any):  # fmt: skip
         import tifffile
 
         shape, dtype = layouts["coarse_prob"]
-        mm = np.lib.format.open_memmap(folder / "coarse_prob.npy", mode="w+", dtype=dtype, shape=shape)
-        super().__init__({"coarse_prob": mm}, is_2d)
-        self.tiffs = {n: tifffile.TiffWriter(folder / f"{n}.tif") for n in layouts if n != "coarse_prob"}
+        mm = np.lib.format.open_memmap(files["coarse_prob"], mode="w+", dtype=dtype, shape=shape)
+        super().__init__({"coarse_prob": mm}, is_2d, publish, discard)
+        self.tiffs = {n: tifffile.TiffWriter(files[n]) for n in layouts if n != "coarse_prob"}
 
     def write(self, z: int, out: dict[str, np.ndarray]) -> None:
         super().write(z, out)
@@ -197,24 +225,56 @@ class _FolderSink(_ArraySink):
             tw.close()
 
 
+def _folder_file(name: str) -> str:
+    return f"{name}.npy" if name == "coarse_prob" else f"{name}.tif"
+
+
 def _our_folder_files(path: Path) -> list[Path]:
-    names = {f"{n}.tif" for n in OUR_NAMES} | {"coarse_prob.npy"}
+    names = {_folder_file(n) for n in OUR_NAMES}
     return [p for p in path.iterdir() if p.name in names] if path.is_dir() else []
 
 
-def _prepare_folder(path: Path, overwrite: bool) -> None:
+def _check_output_path(spec: str, folder: Path) -> None:
+    """A file where the output folder (or a folder above it) must go is refused, naming it."""
+    try:
+        check_folder_path(folder)
+    except OSError as e:
+        raise StackError(f"--output {spec}: {e.strerror}; give a folder, out.zarr or out.h5 there") from None
+
+
+def _folder_sink(path: Path, layouts: dict, is_2d: bool, overwrite: bool) -> _ArraySink:
     """Only hierseg's own output files are replaced; anything else in the folder stays."""
-    if path.exists() and not path.is_dir():
-        raise StackError(f"--output {path} is a file; give a folder, out.zarr or out.h5")
     ours = _our_folder_files(path)
     if ours and not overwrite:
         raise StackError(f"--output {path} already holds {ours[0].name}; pass --overwrite or choose another path")
-    for p in ours:
-        p.unlink()
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    final = {n: path / _folder_file(n) for n in layouts}
+    temp = {n: f.with_name(f".{f.stem}.{os.getpid()}.tmp{f.suffix}") for n, f in final.items()}
+
+    def publish() -> None:
+        for p in ours:
+            if p not in final.values():  # e.g. label_values.tif of an earlier --decode labels run
+                p.unlink()
+        for n, f in final.items():
+            os.replace(temp[n], f)
+
+    def discard() -> None:
+        for t in temp.values():
+            t.unlink(missing_ok=True)
+        if created and not any(path.iterdir()):
+            path.rmdir()
+
+    try:
+        return _FolderSink(temp, layouts, is_2d, publish, discard)
+    except BaseException:
+        discard()
+        raise
 
 
-def _prepare_zarr(path: Path, overwrite: bool) -> None:
-    """A zarr store is replaced only when it holds nothing but hierseg's arrays."""
+def _check_zarr(path: Path, overwrite: bool) -> None:
+    """A zarr store may be replaced only when it holds nothing but hierseg's arrays."""
+    _check_output_path(str(path), path)
     if not path.exists():
         return
     if not overwrite:
@@ -223,7 +283,13 @@ def _prepare_zarr(path: Path, overwrite: bool) -> None:
     foreign = sorted(entries - set(OUR_NAMES))
     if foreign:
         raise StackError(f"--output {path} holds {foreign[:3]}, which hierseg did not write; choose another path")
-    shutil.rmtree(path)
+
+
+def _prepare_zarr(path: Path, overwrite: bool) -> None:
+    """:func:`_check_zarr`, then remove the old store (``--ray`` writes blocks into the final store itself)."""
+    _check_zarr(path, overwrite)
+    if path.exists():
+        shutil.rmtree(path)
 
 
 def check_not_input(output: str, input_spec: str) -> None:
@@ -235,57 +301,91 @@ def check_not_input(output: str, input_spec: str) -> None:
 
 
 def _h5_sink(path: Path, group: str | None, layouts: dict, is_2d: bool, overwrite: bool) -> _ArraySink:
+    """Datasets go in under temporary names and are renamed at the end; other datasets in the file stay."""
     import h5py
 
+    created = not path.exists()
     f = h5py.File(path, "a")
     g = f.require_group(group) if group else f
-    for name in layouts:
-        if name in g:
-            if not overwrite:
-                f.close()
-                raise StackError(f"--output {path}:{group or ''} already has {name!r}; pass --overwrite")
-            del g[name]
+    if not overwrite and (taken := [name for name in layouts if name in g]):
+        f.close()
+        raise StackError(f"--output {path}:{group or ''} already has {taken[0]!r}; pass --overwrite")
+    temp = {name: f".{name}.{os.getpid()}.tmp" for name in layouts}
     arrays = {}
     for name, (shape, dtype) in layouts.items():
+        if temp[name] in g:  # a crashed run of this process id; ours by its name
+            del g[temp[name]]
         chunks = tuple([1] * (len(shape) - 2) + [min(shape[-2], 512), min(shape[-1], 512)])
-        arrays[name] = g.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, compression="gzip")
-    return _ArraySink(arrays, is_2d, closer=f.close)
+        arrays[name] = g.create_dataset(temp[name], shape=shape, dtype=dtype, chunks=chunks, compression="gzip")
+
+    def publish() -> None:
+        for name, t in temp.items():
+            if name in g:
+                del g[name]
+            g.move(t, name)
+        f.close()
+
+    def discard() -> None:
+        for t in temp.values():
+            if t in g:
+                del g[t]
+        f.close()
+        if created:  # the file is this run's alone
+            path.unlink()
+
+    return _ArraySink(arrays, is_2d, publish, discard)
 
 
 def _zarr_sink(path: Path, layouts: dict, is_2d: bool, overwrite: bool) -> _ArraySink:
+    """A new store beside ``path``, swapped in at the end."""
     import zarr
 
-    _prepare_zarr(path, overwrite)
-    root = zarr.open_group(str(path), mode="w")
+    _check_zarr(path, overwrite)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.rmtree(temp, ignore_errors=True)  # a crashed run of this process id; ours by its name
+    root = zarr.open_group(str(temp), mode="w")
     arrays = {}
     for name, (shape, dtype) in layouts.items():
         chunks = tuple([1] * (len(shape) - 2) + [min(shape[-2], 512), min(shape[-1], 512)])
         arrays[name] = root.create_array(name, shape=shape, dtype=dtype, chunks=chunks)
-    return _ArraySink(arrays, is_2d)
+
+    def publish() -> None:
+        old = path.with_name(f".{path.name}.{os.getpid()}.old")
+        if path.exists():  # checked by _check_zarr: hierseg's arrays only
+            os.replace(path, old)
+        os.replace(temp, path)
+        shutil.rmtree(old, ignore_errors=True)
+
+    return _ArraySink(arrays, is_2d, publish, lambda: shutil.rmtree(temp, ignore_errors=True))
 
 
 @contextmanager
 def open_output(spec: str, shape: tuple[int, ...], k: int, *, overwrite: bool = False, is_2d: bool | None = None,
                 label_values: bool = False) -> Iterator[_ArraySink]:  # fmt: skip
-    """A sink for the outputs of a ``shape`` stack (``label_values`` too when asked); ``sink.write(z, outputs)``."""
+    """A sink for the outputs of a ``shape`` stack (``label_values`` too when asked); ``sink.write(z, outputs)``.
+
+    The outputs appear (replacing hierseg's own earlier ones) only when the ``with`` block completes.
+    """
     is_2d = bool(is_2d) if is_2d is not None else False
     layouts = _layouts(shape, k, is_2d, label_values)
     path, inner = split_source(spec)
+    is_h5 = path.suffix.lower() in (".h5", ".hdf5", ".hdf")
+    _check_output_path(spec, path.parent if is_h5 else path)
     try:
-        if path.suffix.lower() in (".h5", ".hdf5", ".hdf"):
+        if is_h5:
             path.parent.mkdir(parents=True, exist_ok=True)
             sink = _h5_sink(path, inner, layouts, is_2d, overwrite)
         elif path.suffix == ".zarr":
             sink = _zarr_sink(path, layouts, is_2d, overwrite)
         else:
-            _prepare_folder(path, overwrite)
-            path.mkdir(parents=True, exist_ok=True)
-            sink = _FolderSink(path, layouts, is_2d)
+            sink = _folder_sink(path, layouts, is_2d, overwrite)
     except StackError:
         raise
     except OSError as e:
         raise StackError(f"cannot write --output {spec}: {e}") from None
     try:
         yield sink
-    finally:
-        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    sink.commit()

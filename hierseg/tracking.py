@@ -8,7 +8,6 @@ long run. Every other rank gets :class:`NullTracker`, so the loop never tests ``
 from __future__ import annotations
 
 import contextlib
-import difflib
 import itertools
 import json
 import logging
@@ -31,6 +30,7 @@ from typing import Any
 
 from hierseg import __version__
 from hierseg.fsutil import probe_writable
+from hierseg.labels import closest
 from hierseg.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -356,8 +356,8 @@ def check_tracking_uri(uri: str, timeout_s: float = 10.0) -> None:
     """Fail fast, before any worker starts, when the tracking store cannot be used; names the URI."""
     scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
     if scheme and scheme not in _SCHEMES:
-        close = difflib.get_close_matches(scheme, _SCHEMES, n=1)
-        hint = f" (did you mean {close[0]}://?)" if close else ""
+        close = closest(scheme, _SCHEMES)
+        hint = f" (did you mean {close}://?)" if close else ""
         raise ConnectionError(
             f"MLflow tracking URI {uri}: unknown scheme {scheme!r}{hint}; use http://host:port, https://host or "
             "sqlite:///path/to/mlflow.db"

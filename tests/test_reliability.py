@@ -655,3 +655,188 @@ def test_a_bad_sample_on_one_torchrun_rank_stops_every_rank_naming_it(shards, tm
     assert out.returncode != 0, out.stderr[-3000:]
     assert member.name.split(".")[0] in out.stderr and last.name in out.stderr, out.stderr[-3000:]
     assert time.monotonic() - t0 < 120, "the healthy rank waited in a collective instead of stopping"
+
+
+# ------------------------------------------------- probe leftovers: CLI inputs, output paths, torchrun
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny untrained model's checkpoint folder: prediction errors, not its quality, are under test."""
+    from hierseg.model import build_model
+
+    folder = tmp_path_factory.mktemp("rel_ckpt") / "best"
+    folder.mkdir()
+    spec = validate_spec(tiny_spec(folder, folder, model={"base_channels": 8, "depth": 2}))
+    model = build_model(spec.model, spec.hierarchy.build())
+    torch.save({"model": model.state_dict(), "spec": spec.model_dump(mode="json"), "step": 1}, folder / STATE_FILE)
+    return folder
+
+
+def _slices(folder: Path, odd: str | None = None) -> Path:
+    """Three 64x64 PNG slices; ``odd`` (a stem) is 32x32 instead."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(3):
+        side = 32 if f"synth_{i:04d}" == odd else 64
+        Image.fromarray(np.full((side, side), 40 * i, np.uint8)).save(folder / f"synth_{i:04d}.png")
+    return folder
+
+
+def _synth_negative(tmp: Path, ckpt: Path) -> list[str]:
+    return [*CLI, "synth", "--out", str(tmp / "s"), "--num", "-1"]
+
+
+def _synth_under_a_file(tmp: Path, ckpt: Path) -> list[str]:
+    (tmp / "notes.txt").write_text("mine")
+    return [*CLI, "synth", "--out", str(tmp / "notes.txt" / "s"), "--num", "1", "--size", "16"]
+
+
+def _shards_out_is_a_file(tmp: Path, ckpt: Path) -> list[str]:
+    _slices(tmp / "images"), _slices(tmp / "labels")
+    (tmp / "out").write_text("my notes, not a folder")
+    return [*CLI, "make-shards", "--images", str(tmp / "images"), "--labels", str(tmp / "labels"),
+            "--out", str(tmp / "out")]  # fmt: skip
+
+
+def _label_map_typo(tmp: Path, ckpt: Path) -> list[str]:
+    _slices(tmp / "images"), _slices(tmp / "labels")
+    (tmp / "map.yaml").write_text("mappng:\n  0: axon\n")
+    return [*CLI, "make-shards", "--images", str(tmp / "images"), "--labels", str(tmp / "labels"),
+            "--label-map", str(tmp / "map.yaml"), "--out", str(tmp / "out")]  # fmt: skip
+
+
+def _predict_mixed(output: str, previous: bool = False):
+    """Slice synth_0001 is smaller than synth_0000; with ``previous`` the output folder holds an earlier result."""
+
+    def make(tmp: Path, ckpt: Path) -> list[str]:
+        _slices(tmp / "in", odd="synth_0001")
+        extra = []
+        if previous:
+            (tmp / output).mkdir()
+            (tmp / output / "fine_labels.tif").write_bytes(b"an earlier prediction")
+            (tmp / output / "notes.txt").write_text("mine")
+            extra = ["--overwrite"]
+        return [*CLI, "predict", "--model", str(ckpt), "--input", str(tmp / "in"), "--output", str(tmp / output),
+                "--quiet", *extra]  # fmt: skip
+
+    return make
+
+
+@pytest.mark.parametrize(
+    ("make", "code", "names"),
+    [
+        pytest.param(_synth_negative, 2, ["--num", "-1"], id="synth-num"),
+        pytest.param(_synth_under_a_file, 2, ["notes.txt is a file, not a folder", "--out"], id="synth-out-file"),
+        pytest.param(_shards_out_is_a_file, 2, ["out is a file, not a folder", "--out"], id="shards-out-file"),
+        pytest.param(_label_map_typo, 2, ["'mappng'", "did you mean 'mapping'"], id="label-map-typo"),
+        pytest.param(_predict_mixed("out"), 2, ["synth_0001.png is 32x32", "synth_0000.png is 64x64"], id="sizes"),
+        pytest.param(_predict_mixed("out", previous=True), 2, ["synth_0001.png"], id="sizes-overwrite"),
+        pytest.param(_predict_mixed("o.zarr"), 2, ["synth_0001.png"], id="sizes-zarr"),
+        pytest.param(_predict_mixed("o.h5"), 2, ["synth_0001.png"], id="sizes-h5"),
+    ],
+)
+def test_bad_cli_input_is_one_line_and_leaves_the_tree_as_it_was(tmp_path, checkpoint, make, code, names):
+    """Each bad input: its exit code, one line naming the culprit, and the folder exactly as before (nothing
+    lost, and no partial output: predict writes under temporary names and renames only at the end)."""
+    args = make(tmp_path, checkpoint)
+    before, paths = _tree(tmp_path), sorted(tmp_path.rglob("*"))
+    out = _run(args)
+    err = _one_line_error(out, *names, code=code)
+    assert err.strip().splitlines()[-1].startswith("hierseg "), err
+    assert _tree(tmp_path) == before
+    assert sorted(tmp_path.rglob("*")) == paths, "a file or folder was added"
+
+
+TORCHRUN = [*CLI, "torchrun", "--standalone", "--nproc_per_node", "2", TRAIN]
+
+
+def test_hierseg_torchrun_refuses_a_layout_before_any_process_starts(shards, tmp_path):
+    """Item 8 through the launcher: 2 processes over a batch of 1 is one line naming data.batch_size, exit 2,
+    and no rank was started (no torchrun banner, no run folder)."""
+    spec_path = _local_spec(shards, tmp_path, data={"batch_size": 1})
+    out = _run([*TORCHRUN, "--spec", str(spec_path)])
+    err = _one_line_error(out, "data.batch_size 1 does not divide over 2 training processes", code=2)
+    assert err.strip().splitlines() == _ours(err), err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_failed_rank_ends_torchrun_as_its_one_line(shards, tmp_path):
+    """A rank's own error: ``hierseg torchrun`` ends in one line naming the rank and its message (exit code
+    kept); plain torchrun's failure summary carries the same message through the rank's error file."""
+    spec_path = _local_spec(shards, tmp_path, tracking={"uri": "htp://127.0.0.1:1", "log_model": False})
+    out = _run([*TORCHRUN, "--spec", str(spec_path)], timeout=240)
+    err = _one_line_error(out, "htp://127.0.0.1:1", code=2)
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("hierseg torchrun: rank ") and "failed: hierseg train: cannot start" in last, err
+    plain = _run([sys.executable, "-m", "torch.distributed.run", *TORCHRUN[4:], "--spec", str(spec_path)], timeout=240)
+    assert plain.returncode != 0
+    summary = plain.stderr[plain.stderr.index("Root Cause") :]
+    assert "traceback : hierseg train: cannot start: MLflow tracking URI htp://127.0.0.1:1" in summary, summary
+
+
+def test_torchrun_failure_line_names_the_rank_that_failed_by_itself(tmp_path):
+    """The rank torchrun stopped (SIGTERM, even with an error file) is not taken for the root cause; a rank
+    without an error file is named with its exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from hierseg.train.torchrun import failure_line
+
+    def failure(rank: int, exitcode: int, message: str | None) -> ProcessFailure:
+        path = tmp_path / f"{rank}.json"
+        if message:
+            path.write_text(json.dumps({"message": message, "timestamp": 100}))
+        return ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=exitcode, error_file=str(path))
+
+    stopped, failed = failure(0, -15, "hierseg train: stopped"), failure(1, 2, "hierseg train: cannot start: x")
+    assert failure_line(ChildFailedError("train.py", {0: stopped, 1: failed})) == (
+        "rank 1 failed: hierseg train: cannot start: x",
+        2,
+    )
+    line, code = failure_line(ChildFailedError("train.py", {3: failure(3, 1, None)}))
+    assert line == "rank 3 failed: exit code 1; its own output above says why" and code == 1
+
+
+def _shown(logger, level: int) -> bool:
+    """Whether ``logger`` would emit a record at ``level`` (its level and its filters both)."""
+    import logging
+
+    record = logging.LogRecord(logger.name, level, __file__, 1, "x", None, None)
+    return logger.isEnabledFor(level) and bool(logger.filter(record))
+
+
+@pytest.mark.parametrize("where", ["worker", "local cluster"])
+def test_ray_tracebacks_that_are_not_ours_show_only_with_debug(monkeypatch, where):
+    """The worker's copy of a failed train function's traceback (the driver gets it in the exception) and the
+    controller's "safe to ignore" autoscaler warning on the embedded cluster: shown only with --debug; the
+    embedded cluster's processes are pinned to it (RAY_ADDRESS) so another Ray on the machine does not confuse them."""
+    import logging
+    from types import SimpleNamespace
+
+    import ray
+    from ray.train.v2._internal import util
+    from ray.train.v2._internal.execution.scaling_policy import autoscaling_coordinator_client as client
+
+    from hierseg.train.launch import _quiet_ray_reports, local_cluster_process_setup
+
+    setup, logger, level = {
+        "worker": (_quiet_ray_reports, logging.getLogger(util.__name__), logging.ERROR),
+        "local cluster": (local_cluster_process_setup, logging.getLogger(client.__name__), logging.WARNING),
+    }[where]
+    saved, filters = logger.level, list(logger.filters)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(gcs_address="127.0.0.1:6399"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    try:
+        monkeypatch.setenv("HIERSEG_DEBUG", "1")
+        setup()
+        assert _shown(logger, level)
+        monkeypatch.delenv("HIERSEG_DEBUG")
+        setup()
+        assert not _shown(logger, level)
+        logger.setLevel(logging.NOTSET)  # what Ray's dictConfig does to loggers under ray.train
+        assert _shown(logger, level) == (where == "worker")  # the worker's is set after it, in the train function
+        if where == "local cluster":  # its state-API calls find this cluster, not "the" Ray of the machine
+            assert os.environ["RAY_ADDRESS"] == "127.0.0.1:6399"
+    finally:
+        logger.setLevel(saved)
+        logger.filters[:] = filters

@@ -78,13 +78,19 @@ def read_slices(folder: Path) -> np.ndarray:
     files = list_images(folder)
     if not files:
         raise ValueError(f"folder {folder} holds no image slices ({', '.join(IMAGE_SUFFIXES)})")
-    slices = [read_array(f) for f in files]
-    shapes = {s.shape for s in slices}
-    if len(shapes) > 1:
-        first = slices[0].shape
-        odd = next(f for f, s in zip(files, slices) if s.shape != first)
-        raise ValueError(f"slices in {folder} differ in shape: {files[0].name} is {first}, {odd.name} is {shapes}")
-    return np.stack(slices)
+    first = read_array(files[0])
+    return np.stack([first, *(check_slice(files, z, read_array(files[z]), first.shape) for z in range(1, len(files)))])
+
+
+def check_slice(files: list[Path], z: int, arr: np.ndarray, first_shape: tuple[int, ...]) -> np.ndarray:
+    """Slice ``z`` of a slice folder, refused naming both files when its size is not the first slice's."""
+    if arr.shape != first_shape:
+        raise ValueError(
+            f"slice {files[z]} is {'x'.join(map(str, arr.shape))} but the first slice {files[0].name} is "
+            f"{'x'.join(map(str, first_shape))}; every slice of a folder stack must have one size (crop or pad "
+            f"{files[z].name}, or move it out)"
+        )
+    return arr
 
 
 def _read_pil(path: Path) -> np.ndarray:

@@ -43,6 +43,7 @@ from hierseg.labels import (
     LabelSets,
     check_set_members,
     class_index,
+    closest,
     metric_name,
 )
 
@@ -86,11 +87,11 @@ class LabelMap:
 
         Group names in targets refer to ``hierarchy`` (default: the plan's default hierarchy).
         """
-        if not isinstance(raw, Mapping) or "mapping" not in raw:
+        if not isinstance(raw, Mapping):
             raise ValueError(f"label map {source}: expected a mapping with a 'mapping' section (value -> class)")
-        unknown = set(raw) - {"mapping", "unmapped", "sets", "description"}
-        if unknown:
-            raise ValueError(f"label map {source}: unknown key(s) {sorted(unknown)}; allowed: mapping, unmapped, sets")
+        _check_top_level_keys(raw, source)
+        if "mapping" not in raw:
+            raise ValueError(f"label map {source}: expected a mapping with a 'mapping' section (value -> class)")
         mapping = raw["mapping"]
         if not isinstance(mapping, Mapping) or not mapping:
             raise ValueError(f"label map {source}: 'mapping' must be a non-empty mapping of value -> class")
@@ -143,6 +144,19 @@ class LabelMap:
                 )
             lut[bad] = IGNORE_INDEX
         return lut[inverse].reshape(label.shape), counts
+
+
+_TOP_LEVEL_KEYS = ("mapping", "unmapped", "sets", "description")
+
+
+def _check_top_level_keys(raw: Mapping[Any, Any], source: str) -> None:
+    """An unknown key is refused by name, with the key it most likely misspells (a typo in ``mapping``
+    would otherwise read as "no mapping section")."""
+    for key in sorted(map(str, raw)):
+        if key not in _TOP_LEVEL_KEYS:
+            close = closest(key, _TOP_LEVEL_KEYS)
+            hint = f"did you mean {close!r}?" if close else f"allowed: {', '.join(_TOP_LEVEL_KEYS)}"
+            raise ValueError(f"label map {source}: unknown key {key!r}; {hint}")
 
 
 def _parse_value(key: Any, source: str) -> int:

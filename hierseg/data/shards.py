@@ -40,10 +40,11 @@ from typing import Any
 
 import numpy as np
 
+from hierseg.cli import int_at_least
 from hierseg.data.io import file_sha256, list_images, read_array, split_source
 from hierseg.data.labelmap import LabelMap, histogram, set_histogram
 from hierseg.data.normalize import IntensitySummary, image_stats, storage_array
-from hierseg.fsutil import probe_writable
+from hierseg.fsutil import check_folder_path, probe_writable
 from hierseg.labels import FINE_CLASSES, NUM_FINE_CLASSES
 
 MANIFEST = "manifest.json"
@@ -166,7 +167,12 @@ def _version() -> str:
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to mix new shards with old ones unless ``--overwrite``, and a folder we cannot write."""
+    """Refuse to mix new shards with old ones unless ``--overwrite``, a file where the folder goes, and a
+    folder we cannot write."""
+    try:
+        check_folder_path(out)
+    except OSError as e:
+        raise ValueError(f"--out {out}: {e.strerror}; give --out a folder path (a new or an existing folder)") from None
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"output folder {out} is not empty; choose a new folder or pass --overwrite")
     for s in SPLITS:
@@ -462,13 +468,6 @@ def _finish(splits: dict[str, _Split], label_map, cfg, provenance, unmapped) -> 
 
 
 # ------------------------------------------------------------------------------------------------- CLI
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hierseg make-shards",
@@ -480,7 +479,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stack", action="store_true", help="inputs are one 3D stack each (TIFF, slice folder, h5, zarr)")
     p.add_argument("--label-map", help="YAML label map (default: identity 0..11, 255 -> uncertain)")
     p.add_argument("--unmapped", choices=["error", "uncertain"], help="policy for label values the map lacks")
-    p.add_argument("--tile-size", type=_positive, default=1024,
+    p.add_argument("--tile-size", type=int_at_least(1), default=1024,
                    help="slices over this size are stored as a grid of non-overlapping tiles")  # fmt: skip
     p.add_argument("--patch-size", type=int, help=argparse.SUPPRESS)  # removed: named in a clear error
     p.add_argument("--stride", type=int, help=argparse.SUPPRESS)
@@ -494,7 +493,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gap", type=int, help="slices left out between stack slabs (default: max(1, context))")
     p.add_argument("--seed", type=int, default=0, help="seed of the group split")
     p.add_argument("--shard-mb", type=float, default=64.0, help="target shard size in MiB")
-    p.add_argument("--samples-per-shard", type=_positive, help="cap on samples per shard")
+    p.add_argument("--samples-per-shard", type=int_at_least(1), help="cap on samples per shard")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     return p
 

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from hierseg.cli import int_at_least
+from hierseg.fsutil import probe_writable
 from hierseg.labels import IGNORE_INDEX, class_index
 
 ECS, TEAR, DENDRITE, AXON, SOMA, GLIA = (
@@ -272,15 +274,19 @@ def ensure_synthetic(data_spec) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="hierseg synth", description="Generate synthetic EM-like images and labels.")
     p.add_argument("--out", required=True, type=Path, help="output folder (gets images/ and labels/)")
-    p.add_argument("--num", type=int, default=16, help="number of 2D images (or stacks with --depth)")
-    p.add_argument("--size", type=int, default=256, help="image side in pixels")
-    p.add_argument("--depth", type=int, default=0, help="write 3D stacks of this many slices (multi-page TIFF)")
+    p.add_argument("--num", type=int_at_least(1), default=16, help="number of 2D images (or stacks with --depth)")
+    p.add_argument("--size", type=int_at_least(16), default=256, help="image side in pixels (at least 16)")
+    p.add_argument("--depth", type=int_at_least(0), default=0,
+                   help="write 3D stacks of this many slices (multi-page TIFF); 0: 2D images")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     from PIL import Image
 
-    (args.out / "images").mkdir(parents=True, exist_ok=True)
-    (args.out / "labels").mkdir(parents=True, exist_ok=True)
+    for sub in ("images", "labels"):
+        try:
+            probe_writable(args.out / sub)
+        except OSError as e:
+            p.error(f"--out {args.out}: cannot write in {args.out / sub} ({e.strerror or e}); choose another --out")
     for i in range(args.num):
         name = f"synth_{i:04d}"
         if args.depth:

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from hierseg.cli import report_error
 from hierseg.spec import SpecError, load_spec
 
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_spec(args.spec, args.overrides)
     except SpecError as e:
-        print(f"hierseg train: {e}", file=sys.stderr)
+        report_error("train", str(e))
         return 2
     if args.print_absolute_overrides:
         print_absolute_overrides(spec)
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         outcome = run_ray(spec) if launcher == "ray" else run_in_process(spec, launcher)
     except PreflightError as e:
-        print(f"hierseg train: cannot start: {e}", file=sys.stderr)
+        report_error("train", f"cannot start: {e}")
         return 2
     if outcome and not outcome.get("finished", True):
         print(f"hierseg train: stopped at step {outcome['step']}; rerun the same command to resume", file=sys.stderr)

@@ -216,7 +216,8 @@ def _ray_worker(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _quiet_ray_reports() -> None:
-    """Give Ray Train's per-report logger the level of ``RunConfig.logging_config`` (set in :func:`_run_config`).
+    """Give Ray Train's per-report logger the level of ``RunConfig.logging_config`` (set in :func:`_run_config`),
+    and keep a failed train function's traceback off the worker's console unless ``--debug``.
 
     Why: Ray 2.60 logs "Reporting training result ..." for every report of every rank through a logger
     named by its file path (``logging.getLogger(__file__)``), outside ``ray.train``, so LoggingConfig's
@@ -225,9 +226,17 @@ def _quiet_ray_reports() -> None:
     """
     import logging
 
+    from ray.train.v2._internal import util
     from ray.train.v2._internal.execution import context
 
+    from hierseg.cli import debug_requested
+
     logging.getLogger(context.__file__).setLevel(_ray_train_log_level())
+    if not debug_requested():
+        # Ray logs a failed train function's traceback on the worker as "Error in training function:" and
+        # also hands it to the driver inside the exception; the driver prints hierseg's one line (all of
+        # it with --debug), so the worker-side copy would only put a raw traceback before that line.
+        logging.getLogger(util.__name__).setLevel(logging.CRITICAL)
 
 
 def _ray_train_log_level() -> str:
@@ -273,7 +282,34 @@ def init_ray(spec: JobSpec) -> None:
     _pin_ray_to_loopback()
     # address="local": never join "the latest cluster" recorded in Ray's temp folder (maybe dead, maybe someone
     # else's); _node_ip_address: GCS, raylet and workers listen on loopback, not the machine's address.
-    ray.init(address="local", _node_ip_address="127.0.0.1", log_to_driver=True)
+    ray.init(address="local", _node_ip_address="127.0.0.1", log_to_driver=True,
+             runtime_env={"worker_process_setup_hook": f"{__name__}.local_cluster_process_setup"})  # fmt: skip
+
+
+def local_cluster_process_setup() -> None:
+    """Run in every process of the embedded cluster (Ray's ``worker_process_setup_hook``).
+
+    Why each step:
+    - ``RAY_ADDRESS`` is pinned to this cluster: Ray Train's placement-group cleaner (a state-API call
+      without an address) otherwise looks for "the" Ray instance on this machine and dies with a traceback
+      ("Found multiple active Ray instances") when some other job's Ray runs here too.
+    - Ray Train's controller sends the cluster autoscaler a resource request every 20 s and, when the answer
+      takes over 5 s (a loaded machine), logs a warning with a traceback that Ray itself calls safe to
+      ignore. A local cluster has no autoscaler, so that client's logger passes only errors (not with
+      ``--debug``). A filter, not a level: the controller's ``logging.config.dictConfig`` later resets the
+      levels of loggers under ``ray.train``.
+    Clusters joined through ``RAY_ADDRESS`` are left as they are.
+    """
+    import logging
+
+    import ray
+    from ray.train.v2._internal.execution.scaling_policy import autoscaling_coordinator_client as client
+
+    from hierseg.cli import debug_requested
+
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    if not debug_requested():
+        logging.getLogger(client.__name__).addFilter(lambda record: record.levelno >= logging.ERROR)
 
 
 RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"

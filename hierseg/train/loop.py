@@ -79,8 +79,8 @@ def per_rank_batch(spec: JobSpec, ctx: DistContext) -> int:
     if batch % world:
         raise ValueError(
             f"data.batch_size {batch} does not divide over {world} training processes: every rank must take the same "
-            f"number of samples; use a multiple of {world} (torchrun started {world}; run.num_workers says "
-            f"{spec.run.num_workers})"
+            f"number of samples; use a multiple of {world} ({world} processes from the launcher; run.num_workers "
+            f"says {spec.run.num_workers})"
         )
     return batch // world
 
