@@ -147,6 +147,7 @@ def test_predict_errors_exit_2(tmp_path: Path, capsys) -> None:
     for out in (tmp_path / "x.npy", tmp_path):  # the input itself, or a folder holding it: refused
         assert _predict("--model", ckpt, "--input", str(tmp_path / "x.npy"), "--output", str(out), "--overwrite") == 2
         assert "overlaps --input" in capsys.readouterr().err and (tmp_path / "x.npy").is_file()
+    promote_champion()  # the registered model whose aliases the message lists (also when this test runs alone)
     assert _predict("--model", "models:/tiny-seg@nope", "--input", str(tmp_path / "x.npy"), "--output",
                     str(tmp_path / "p")) == 2  # fmt: skip
     assert "aliases:" in capsys.readouterr().err
