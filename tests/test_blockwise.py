@@ -25,7 +25,7 @@ import torch
 from hierseg.blockwise import DONE_ARRAY, RECORD_ATTR, BlockwiseResult, predict_blockwise
 from hierseg.infer import main as predict_main
 from hierseg.infer import parse_args
-from tests.train_utils import ROOT, tiny_spec
+from tests.train_utils import ROOT, descendant_pids, untrained_checkpoint
 
 pytestmark = pytest.mark.timeout(240)
 SHAPE = (3, 150, 170)
@@ -66,30 +66,13 @@ def ray_cluster():
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _checkpoint(folder: Path, seed: int) -> Path:
-    """A checkpoint folder ``load_predictor`` accepts, from a spec and a seeded untrained model."""
-    from hierseg.model import build_model
-    from hierseg.spec import validate_spec
-
-    spec = validate_spec(tiny_spec(folder, folder))
-    torch.manual_seed(seed)
-    model = build_model(spec.model, spec.hierarchy.build())
-    with torch.no_grad():
-        for head in (model.fine_head, *model.coarse_heads):
-            head.weight.mul_(10.0)
-    folder.mkdir(parents=True)
-    state = {"model": model.state_dict(), "spec": spec.model_dump(mode="json"), "normalization": {"mode": "zscore"}}
-    torch.save(state, folder / "state.pt")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     import zarr
 
     work = tmp_path_factory.mktemp("blockwise")
-    _checkpoint(work / "model_a", 0)
-    _checkpoint(work / "model_b", 1)
+    untrained_checkpoint(work / "model_a", 0)
+    untrained_checkpoint(work / "model_b", 1)
     rng = np.random.default_rng(0)
     ramp = np.linspace(0, 120, SHAPE[2])[None, None, :]  # slices of different brightness: z-score matters
     vol = (rng.integers(0, 120, SHAPE) + ramp + 10 * np.arange(SHAPE[0])[:, None, None]).astype(np.uint8)
@@ -181,30 +164,6 @@ def test_blockwise_equals_whole_volume_predict(work: Path, reference: Path, bloc
     assert record["block"] == [2, 64, 72] and record["tile"] == 48 and record["model"] == str(work / "model_a")
 
 
-def _descendants(name: str) -> list[int]:
-    """Pids of this process's descendants whose command line starts with ``name`` (Ray sets its actors')."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            parents[int(stat.parent.name)] = int(fields[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    found = []
-    for pid in parents:
-        p = pid
-        while p in parents and p != os.getpid():
-            p = parents[p]
-        if p != os.getpid():
-            continue
-        try:
-            if (Path("/proc") / str(pid) / "cmdline").read_bytes().startswith(name.encode()):
-                found.append(pid)
-        except OSError:
-            continue
-    return found
-
-
 def _done_count(store: Path) -> int:
     """Blocks marked done so far (a chunk file of block_done exists only once set)."""
     return sum(1 for p in (store / DONE_ARRAY).rglob("*") if p.is_file() and p.name != "zarr.json")
@@ -228,7 +187,7 @@ def test_rerun_predicts_only_unfinished_blocks_and_survives_sigkill(work: Path, 
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not killed:
             busy = _done_count(work / "resume.zarr") >= 18 - len(undone) + 2
-            pids = _descendants("ray::BlockWorker.predict_block") if busy else []
+            pids = descendant_pids("ray::BlockWorker.predict_block") if busy else []
             if pids:
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])
