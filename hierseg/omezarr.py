@@ -105,7 +105,7 @@ def _image_level(group: Path, level: str | None) -> tuple[str, VoxelSize] | None
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Multiscales, Node
 
-    loc = parse_url(str(group)) if group.is_dir() else None
+    loc = _quietly(parse_url, str(group)) if group.is_dir() else None
     if loc is None or not Multiscales.matches(loc):
         return None
     node = Node(loc, [])
@@ -125,6 +125,20 @@ def _image_level(group: Path, level: str | None) -> tuple[str, VoxelSize] | None
         if t.get("type") == "scale":
             scale = [a * float(b) for a, b in zip(scale, t["scale"])]
     return spec.datasets[index], VoxelSize(tuple(scale), tuple(a.get("unit") for a in axes))
+
+
+def _quietly(func: Any, *args: Any) -> Any:
+    """``func(*args)`` with ome-zarr's io logger at ERROR: it warns "version mismatch" on every NGFF 0.4
+    (zarr v2) image it is asked to open, which is no problem here."""
+    import logging
+
+    logger = logging.getLogger("ome_zarr.io")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return func(*args)
+    finally:
+        logger.setLevel(level)
 
 
 # ----------------------------------------------------------------------------------------- output
