@@ -38,7 +38,8 @@ format: setup
 
 # Side-by-side benchmarks (each prints ratios measured in one run); ~15 min on 2 cores.
 # The full real-data comparison takes hours on 2 cores: python bench/realdata.py (see bench/README.md);
-# the joint three-source model vs one model per source: python bench/partial_labels.py (~65 min).
+# the joint three-source model vs one model per source: python bench/partial_labels.py (~65 min);
+# blockwise prediction at issue 13's size (32 x 2048 x 2048): python bench/blockwise.py (see bench/README.md).
 bench: setup
 	$(BIN)/python bench/realdata.py --quick
 	$(BIN)/python bench/loss.py
@@ -46,6 +47,7 @@ bench: setup
 	$(BIN)/python bench/step.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/infer.py --depth 4 --size 512
+	$(BIN)/python bench/blockwise.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache hierseg_runs mlflow.db mlruns

@@ -47,6 +47,7 @@ from hierseg.infer import (
     predict_region_probs,
     region_tiles,
 )
+from hierseg.omezarr import VoxelSize
 
 RECORD_ATTR = "hierseg_blockwise"
 DONE_ARRAY = "block_done"
@@ -97,6 +98,7 @@ class Job:
     output: str
     options: PredictOptions
     grid: BlockGrid
+    voxel: VoxelSize | None = None  # recorded in an OME-Zarr output
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ class BlockwiseResult:
     skipped: int
     voxels: int
     seconds: float
+    voxel: VoxelSize | None = None  # the output's voxel size (OME-Zarr)
 
     def summary(self) -> str:
         rate = f"{self.computed / self.seconds:.2f} blocks/s, {self.voxels / self.seconds:.3g} voxels/s"
@@ -172,6 +175,7 @@ def load_job_predictor(model: str, tracking_uri: str | None, label_map: str | No
 
 def plan_job(args: argparse.Namespace) -> tuple[Job, Predictor]:
     """Validate the flags against the input and the model; the job every worker runs, and the driver's model."""
+    from hierseg.omezarr import output_voxel_size
     from hierseg.stackio import check_not_input, open_input
 
     if not args.ray:
@@ -181,10 +185,12 @@ def plan_job(args: argparse.Namespace) -> tuple[Job, Predictor]:
     if args.ray_workers < 1:
         raise PredictError(f"--ray-workers {args.ray_workers}: give at least 1")
     if Path(args.output).suffix != ".zarr":
-        raise PredictError(f"--output {args.output}: --ray writes a zarr store; give a path ending in .zarr")
+        raise PredictError(f"--output {args.output}: --ray writes a zarr store; give a path ending in .zarr "
+                           "(.ome.zarr for OME-Zarr)")  # fmt: skip
     check_not_input(args.output, args.input)
     source = open_input(args.input)
     shape, is_2d = tuple(source.shape), source.is_2d
+    voxel = output_voxel_size(args.voxel_size, source.voxel_size, args.output)
     source.close()
     if is_2d or len(shape) != 3:
         raise PredictError(f"--input {args.input} has shape {shape}, not a stack [Z, H, W]; predict it without --ray")
@@ -206,7 +212,7 @@ def plan_job(args: argparse.Namespace) -> tuple[Job, Predictor]:
     check_plan(shape, block, halo, opts.overlap)  # type: ignore[arg-type]
     grid = BlockGrid(shape, block)  # type: ignore[arg-type]
     job = Job(model, tracking_uri, label_map, _absolute_source(args.input), str(Path(args.output).absolute()),
-              opts, grid)  # fmt: skip
+              opts, grid, voxel)  # fmt: skip
     return job, predictor
 
 
@@ -242,6 +248,7 @@ def job_record(job: Job, predictor: Predictor) -> dict[str, Any]:
         "normalization": dict(predictor.normalization),
         "coarse_groups": list(predictor.hierarchy.levels[0].group_names),
         "label_values": [[v.code, list(v.members)] for v in space.values] if opts.decode == "labels" else None,
+        "voxel_size": job.voxel.record() if job.voxel else None,  # OME-Zarr metadata: another one is refused
     }
 
 
@@ -274,16 +281,15 @@ def _reopen(job: Job, record: dict[str, Any]) -> list[Triple]:
 
 
 def _create(job: Job, record: dict[str, Any], k: int) -> None:
-    """The arrays :func:`hierseg.stackio.open_output` writes, chunked on the block grid, plus ``block_done``."""
-    import zarr
+    """The arrays :func:`hierseg.stackio.open_output` writes (either layout), chunked on the block grid, plus
+    ``block_done``."""
+    from hierseg.stackio import _layouts, create_zarr_outputs
 
-    from hierseg.stackio import _layouts
+    def on_the_grid(shape: tuple[int, ...]) -> tuple[int, ...]:
+        return job.grid.block if len(shape) == 3 else (1, *job.grid.block)
 
-    labels = record["label_values"] is not None
-    root = zarr.open_group(job.output, mode="w")
-    for name, (shape, dtype) in _layouts(job.grid.shape, k, False, labels).items():
-        chunks = job.grid.block if len(shape) == 3 else (1, *job.grid.block)
-        root.create_array(name, shape=shape, dtype=dtype, chunks=chunks)
+    layouts = _layouts(job.grid.shape, k, False, record["label_values"] is not None)
+    root, _ = create_zarr_outputs(Path(job.output), layouts, on_the_grid, job.voxel, tuple(record["coarse_groups"]))
     root.create_array(DONE_ARRAY, shape=job.grid.counts, dtype="uint8", chunks=(1, 1, 1), fill_value=0)
     root.attrs[RECORD_ATTR] = record  # last: a store without it is an unfinished creation, never resumed
 
@@ -313,7 +319,7 @@ class BlockWorker:
         import torch
         import zarr
 
-        from hierseg.stackio import open_input
+        from hierseg.stackio import open_input, zarr_output_arrays
 
         torch.set_num_threads(WORKER_THREADS)
         self.job, self.opts = job, job.options
@@ -325,7 +331,7 @@ class BlockWorker:
         self.in_channels = model.stem[0].in_channels if hasattr(model, "stem") else 1
         self.source = open_input(job.input)
         root = zarr.open_group(job.output, mode="r+")
-        self.arrays = {name: root[name] for name in root.array_keys() if name != DONE_ARRAY}
+        self.arrays = zarr_output_arrays(root)
         self.done = root[DONE_ARRAY]
 
     def digest(self) -> str:
@@ -465,7 +471,7 @@ def predict_blockwise(args: argparse.Namespace) -> BlockwiseResult:
     todo = open_store(job, record, predictor.hierarchy.num_groups[0], args.overwrite)
     total = len(job.grid.blocks())
     if not todo:
-        return BlockwiseResult(total, 0, total, 0, 0.0)
+        return BlockwiseResult(total, 0, total, 0, 0.0, job.voxel)
     zscore = (predictor.normalization or {"mode": "zscore"}).get("mode") == "zscore"  # as predict_image
     del predictor  # the workers load their own
     owned = init_ray(args.ray_workers, _gpus_per_worker(job))
@@ -480,11 +486,12 @@ def predict_blockwise(args: argparse.Namespace) -> BlockwiseResult:
             ray.kill(w, no_restart=True)
         if owned:
             ray.shutdown()
-    return BlockwiseResult(total, len(todo), total - len(todo), voxels, seconds)
+    return BlockwiseResult(total, len(todo), total - len(todo), voxels, seconds, job.voxel)
 
 
 def main_blockwise(args: argparse.Namespace) -> int:
     """The ``--ray`` path of ``hierseg predict``: one-line errors exit 2, as predict's."""
+    from hierseg.omezarr import voxel_note
     from hierseg.registry import RegistryError
     from hierseg.stackio import StackError
 
@@ -496,5 +503,5 @@ def main_blockwise(args: argparse.Namespace) -> int:
     if not result.computed:
         print(f"hierseg predict: all {result.blocks} blocks of {args.output} are done; nothing to predict")
     else:
-        print(f"hierseg predict: {result.summary()}; wrote {args.output}")
+        print(f"hierseg predict: {result.summary()}; wrote {args.output}{voxel_note(args.output, result.voxel)}")
     return 0

@@ -441,6 +441,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "the training one's: e.g. a multi-source model on one source's labels")  # fmt: skip
     ap.add_argument("--overwrite", action="store_true", help="replace hierseg's earlier outputs at --output")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--voxel-size", default=None, metavar="Z,Y,X",
+                    help="voxel size in nm recorded in an OME-Zarr output (--output out.ome.zarr); default: the "
+                         "input's, when it is an OME-Zarr image")  # fmt: skip
     ray = ap.add_argument_group("blockwise on Ray (hierseg.blockwise): resumable, into out.zarr")
     ray.add_argument("--ray", action="store_true", help="predict blocks on Ray workers ($RAY_ADDRESS, else local)")
     ray.add_argument("--block", default=None, metavar="Z,Y,X", help="block shape (and the output's chunks)")
@@ -478,6 +481,7 @@ def default_options(predictor: Predictor, **overrides: Any) -> PredictOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hierseg.omezarr import output_voxel_size, voxel_note
     from hierseg.registry import RegistryError
     from hierseg.stackio import StackError, check_not_input, open_input, open_output
 
@@ -489,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_not_input(args.output, args.input)
         source = open_input(args.input)
+        voxel = output_voxel_size(args.voxel_size, source.voxel_size, args.output)
         predictor = load_predictor(args.model, args.tracking_uri)
         if args.label_map:
             predictor = predictor.decoding_into(args.label_map)
@@ -499,18 +504,17 @@ def main(argv: list[str] | None = None) -> int:
             amp=not args.no_amp,
         )  # fmt: skip
         predictor.model = predictor.model.to(_device_of(opts))
-        k = predictor.hierarchy.num_groups[0]
+        k, group_names = predictor.hierarchy.num_groups[0], tuple(predictor.hierarchy.levels[0].group_names)
         labels = opts.decode == "labels"
         with open_output(args.output, source.shape, k, overwrite=args.overwrite, is_2d=source.is_2d,
-                         label_values=labels) as sink:  # fmt: skip
+                         label_values=labels, voxel=voxel, group_names=group_names) as sink:  # fmt: skip
             for z, out in enumerate(predict_volume(predictor, source, opts, progress=not args.quiet)):
                 sink.write(z, out)
     except (PredictError, RegistryError, StackError, ConnectionError) as e:
         print(f"hierseg predict: {e}", file=sys.stderr)
         return 2
     names = [*OUTPUT_NAMES, "label_values"] if labels else OUTPUT_NAMES
-    group_names = predictor.hierarchy.levels[0].group_names
     groups = ", ".join(f"{FALLBACK_GROUP_OFFSET + i}={g}" for i, g in enumerate(group_names))
     print(f"hierseg predict: wrote {', '.join(names)} to {args.output} (decode {opts.decode}; fallback: 0..11 fine, "
-          f"{groups}, {UNDECIDED}=undecided)")  # fmt: skip
+          f"{groups}, {UNDECIDED}=undecided){voxel_note(args.output, voxel)}")  # fmt: skip
     return 0

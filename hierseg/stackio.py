@@ -14,12 +14,15 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hierseg.data.io import IMAGE_SUFFIXES, check_not_colour, check_slice, list_images, read_array, split_source
 from hierseg.fsutil import check_folder_path
+
+if TYPE_CHECKING:
+    from hierseg.omezarr import VoxelSize
 
 
 class StackError(ValueError):
@@ -33,6 +36,7 @@ class SliceStack:
                  crop: Any = None):  # fmt: skip
         self.shape, self._get, self.name, self.is_2d, self._closer = shape, get, name, is_2d, closer
         self._crop = crop  # (z, ys, xs) -> part of a slice, for formats that read parts (zarr, HDF5, .npy)
+        self.voxel_size: VoxelSize | None = None  # known for OME-Zarr images (their scale)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -114,6 +118,23 @@ def _slice_folder(path: Path, files: list[Path]) -> SliceStack:
     return SliceStack((len(files), *first.shape), get, str(path))
 
 
+def _open_zarr(path: Path, inner: str | None, spec: str) -> SliceStack:
+    """A zarr array; an OME-Zarr image (group or level) reads at full resolution and knows its voxel size."""
+    import zarr
+
+    from hierseg.omezarr import find_image
+
+    image = find_image(path, inner)
+    inner, voxel = image if image else (inner, None)
+    node = zarr.open(str(path), mode="r")
+    node = node[inner] if inner else node
+    if not hasattr(node, "shape"):
+        raise StackError(f"{path} is a zarr group; name an array as {path}:<array>")
+    stack = _from_array(node, spec)
+    stack.voxel_size = voxel
+    return stack
+
+
 def open_input(spec: str) -> SliceStack:
     """A 2D image, a folder of slices, a (multi-page) TIFF, ``file.h5:dataset``, zarr or ``.npy``, read lazily."""
     path, inner = split_source(spec)
@@ -123,13 +144,7 @@ def open_input(spec: str) -> SliceStack:
         if path.suffix.lower() in (".h5", ".hdf5", ".hdf"):
             return _open_h5(path, inner)
         if path.suffix == ".zarr" or (path / "zarr.json").exists() or (path / ".zarray").exists():
-            import zarr
-
-            node = zarr.open(str(path), mode="r")
-            node = node[inner] if inner else node
-            if not hasattr(node, "shape"):
-                raise StackError(f"{path} is a zarr group; name an array as {path}:<array>")
-            return _from_array(node, spec)
+            return _open_zarr(path, inner, spec)
         if path.is_dir():
             files = list_images(path)
             if not files:
@@ -279,8 +294,10 @@ def _check_zarr(path: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise StackError(f"--output {path} already exists; pass --overwrite or choose another path")
+    from hierseg.omezarr import TOP_ENTRIES, is_ours
+
     entries = {p.name for p in path.iterdir()} - {"zarr.json", ".zgroup", ".zattrs", ".zmetadata"}
-    foreign = sorted(entries - set(OUR_NAMES))
+    foreign = sorted(entries - set(OUR_NAMES) - (set(TOP_ENTRIES) if is_ours(path) else set()))
     if foreign:
         raise StackError(f"--output {path} holds {foreign[:3]}, which hierseg did not write; choose another path")
 
@@ -315,8 +332,9 @@ def _h5_sink(path: Path, group: str | None, layouts: dict, is_2d: bool, overwrit
     for name, (shape, dtype) in layouts.items():
         if temp[name] in g:  # a crashed run of this process id; ours by its name
             del g[temp[name]]
-        chunks = tuple([1] * (len(shape) - 2) + [min(shape[-2], 512), min(shape[-1], 512)])
-        arrays[name] = g.create_dataset(temp[name], shape=shape, dtype=dtype, chunks=chunks, compression="gzip")
+        arrays[name] = g.create_dataset(
+            temp[name], shape=shape, dtype=dtype, chunks=_tile_chunks(shape), compression="gzip"
+        )
 
     def publish() -> None:
         for name, t in temp.items():
@@ -336,21 +354,51 @@ def _h5_sink(path: Path, group: str | None, layouts: dict, is_2d: bool, overwrit
     return _ArraySink(arrays, is_2d, publish, discard)
 
 
-def _zarr_sink(path: Path, layouts: dict, is_2d: bool, overwrite: bool) -> _ArraySink:
-    """A new store beside ``path``, swapped in at the end."""
+def create_zarr_outputs(path: Path, layouts: dict[str, tuple[tuple[int, ...], str]], chunks: Any,
+                        voxel: VoxelSize | None = None,
+                        group_names: tuple[str, ...] = ()) -> tuple[Any, dict[str, Any]]:  # fmt: skip
+    """A new zarr store of the outputs ``layouts`` (``chunks(shape)`` each); an OME-Zarr layout for ``*.ome.zarr``.
+
+    Returns the root group and name -> array; ``voxel`` and ``group_names`` go into the OME-Zarr metadata.
+    """
     import zarr
 
+    from hierseg.omezarr import create_arrays, is_ome_output
+
+    root = zarr.open_group(str(path), mode="w")
+    if is_ome_output(path):
+        return root, create_arrays(root, layouts, chunks, voxel, group_names)
+    arrays = {name: root.create_array(name, shape=shape, dtype=dtype, chunks=chunks(shape))
+              for name, (shape, dtype) in layouts.items()}  # fmt: skip
+    return root, arrays
+
+
+def zarr_output_arrays(root: Any) -> dict[str, Any]:
+    """name -> array of the prediction outputs in a store :func:`create_zarr_outputs` made (either layout)."""
+    from hierseg.omezarr import MARKER_ATTR, open_arrays
+
+    if MARKER_ATTR in root.attrs:
+        return open_arrays(root)
+    names = set(OUR_NAMES) - {"block_done"}
+    return {name: root[name] for name in root.array_keys() if name in names}
+
+
+def _tile_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Chunks of whole-volume outputs: one slice, tiles of 512."""
+    return tuple([1] * (len(shape) - 2) + [min(shape[-2], 512), min(shape[-1], 512)])
+
+
+def _zarr_sink(path: Path, layouts: dict, is_2d: bool, overwrite: bool, voxel: VoxelSize | None,
+               group_names: tuple[str, ...]) -> _ArraySink:  # fmt: skip
+    """A new store beside ``path``, swapped in at the end (its name keeps ``path``'s suffix: ``.ome.zarr`` decides
+    the layout)."""
     _check_zarr(path, overwrite)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp = path.with_name(f".tmp{os.getpid()}.{path.name}")
     shutil.rmtree(temp, ignore_errors=True)  # a crashed run of this process id; ours by its name
-    root = zarr.open_group(str(temp), mode="w")
-    arrays = {}
-    for name, (shape, dtype) in layouts.items():
-        chunks = tuple([1] * (len(shape) - 2) + [min(shape[-2], 512), min(shape[-1], 512)])
-        arrays[name] = root.create_array(name, shape=shape, dtype=dtype, chunks=chunks)
+    arrays = create_zarr_outputs(temp, layouts, _tile_chunks, voxel, group_names)[1]
 
     def publish() -> None:
-        old = path.with_name(f".{path.name}.{os.getpid()}.old")
+        old = path.with_name(f".old{os.getpid()}.{path.name}")
         if path.exists():  # checked by _check_zarr: hierseg's arrays only
             os.replace(path, old)
         os.replace(temp, path)
@@ -361,10 +409,12 @@ def _zarr_sink(path: Path, layouts: dict, is_2d: bool, overwrite: bool) -> _Arra
 
 @contextmanager
 def open_output(spec: str, shape: tuple[int, ...], k: int, *, overwrite: bool = False, is_2d: bool | None = None,
-                label_values: bool = False) -> Iterator[_ArraySink]:  # fmt: skip
+                label_values: bool = False, voxel: VoxelSize | None = None,
+                group_names: tuple[str, ...] = ()) -> Iterator[_ArraySink]:  # fmt: skip
     """A sink for the outputs of a ``shape`` stack (``label_values`` too when asked); ``sink.write(z, outputs)``.
 
-    The outputs appear (replacing hierseg's own earlier ones) only when the ``with`` block completes.
+    ``voxel`` and the coarse ``group_names`` are recorded in an OME-Zarr output (``*.ome.zarr``). The outputs
+    appear (replacing hierseg's own earlier ones) only when the ``with`` block completes.
     """
     is_2d = bool(is_2d) if is_2d is not None else False
     layouts = _layouts(shape, k, is_2d, label_values)
@@ -376,7 +426,7 @@ def open_output(spec: str, shape: tuple[int, ...], k: int, *, overwrite: bool = 
             path.parent.mkdir(parents=True, exist_ok=True)
             sink = _h5_sink(path, inner, layouts, is_2d, overwrite)
         elif path.suffix == ".zarr":
-            sink = _zarr_sink(path, layouts, is_2d, overwrite)
+            sink = _zarr_sink(path, layouts, is_2d, overwrite, voxel, group_names)
         else:
             sink = _folder_sink(path, layouts, is_2d, overwrite)
     except StackError:

@@ -1,6 +1,7 @@
 """Blockwise prediction on a real private local Ray cluster (``hierseg predict --ray``): the output equals
 whole-volume ``predict``, a rerun predicts only unfinished blocks (and a worker SIGKILLed meanwhile is
-restarted and its block retried), and bad inputs are one-line errors.
+restarted and its block retried), an OME-Zarr output is read back by ome-zarr-py (axes, the input's voxel
+size, the labels group), and bad inputs are one-line errors.
 
 The model is a tiny untrained U-Net saved as a checkpoint folder, its heads sharpened so that every fine
 class, coarse group and label value occurs; untrained, it has many near-ties, where argmax and float16
@@ -24,13 +25,14 @@ import torch
 from hierseg.blockwise import DONE_ARRAY, RECORD_ATTR, BlockwiseResult, predict_blockwise
 from hierseg.infer import main as predict_main
 from hierseg.infer import parse_args
-from tests.train_utils import ROOT, tiny_spec
+from tests.train_utils import ROOT, descendant_pids, untrained_checkpoint
 
 pytestmark = pytest.mark.timeout(240)
 SHAPE = (3, 150, 170)
 BLOCK = "2,64,72"  # divides none of the volume's sides: 2 x 3 x 3 blocks, cut at every far edge
 FLAGS = ["--tile", "48", "--overlap", "12", "--batch", "3", "--device", "cpu", "--quiet"]
 ARRAYS = ("fine_labels", "fine_confidence", "coarse_prob", "fallback")
+VOXEL = (30.0, 4.0, 4.0)
 LABEL_MAP = ["--label-map", str(ROOT / "examples" / "label_maps" / "vnc_sstem_sets.yaml")]  # a set among 3 values
 
 
@@ -64,35 +66,28 @@ def ray_cluster():
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _checkpoint(folder: Path, seed: int) -> Path:
-    """A checkpoint folder ``load_predictor`` accepts, from a spec and a seeded untrained model."""
-    from hierseg.model import build_model
-    from hierseg.spec import validate_spec
-
-    spec = validate_spec(tiny_spec(folder, folder))
-    torch.manual_seed(seed)
-    model = build_model(spec.model, spec.hierarchy.build())
-    with torch.no_grad():
-        for head in (model.fine_head, *model.coarse_heads):
-            head.weight.mul_(10.0)
-    folder.mkdir(parents=True)
-    state = {"model": model.state_dict(), "spec": spec.model_dump(mode="json"), "normalization": {"mode": "zscore"}}
-    torch.save(state, folder / "state.pt")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     import zarr
 
     work = tmp_path_factory.mktemp("blockwise")
-    _checkpoint(work / "model_a", 0)
-    _checkpoint(work / "model_b", 1)
+    untrained_checkpoint(work / "model_a", 0)
+    untrained_checkpoint(work / "model_b", 1)
     rng = np.random.default_rng(0)
     ramp = np.linspace(0, 120, SHAPE[2])[None, None, :]  # slices of different brightness: z-score matters
     vol = (rng.integers(0, 120, SHAPE) + ramp + 10 * np.arange(SHAPE[0])[:, None, None]).astype(np.uint8)
     zarr.create_array(store=str(work / "vol.zarr"), data=vol, chunks=(1, 64, 64))
+    _ome_image(work / "vol.ome.zarr", vol)
     return work
+
+
+def _ome_image(path: Path, vol: np.ndarray) -> None:
+    """The volume as an OME-Zarr image of two levels, 30 x 4 x 4 nm voxels, written by ome-zarr-py."""
+    import zarr
+    from ome_zarr.writer import write_image
+
+    write_image(vol, zarr.open_group(str(path), mode="w"), scale_factors=(2,), axes="zyx",
+                scale=dict(zip("zyx", VOXEL)), axes_units=dict.fromkeys("zyx", "nanometer"))  # fmt: skip
 
 
 def _args(work: Path, out: str, *extra: str, model: str = "model_a") -> list[str]:
@@ -119,12 +114,15 @@ def blockwise(work: Path, ray_cluster) -> tuple[Path, BlockwiseResult]:
 
 
 def _assert_same(got: Path, want: Path, names: tuple[str, ...] = (*ARRAYS, "label_values")) -> None:
+    """Equal outputs (OME-Zarr's float32 holds the plain store's float16 values, so floats compare as float32)."""
     import zarr
 
-    a, b = zarr.open_group(str(got), mode="r"), zarr.open_group(str(want), mode="r")
+    from hierseg.stackio import zarr_output_arrays
+
+    a, b = (zarr_output_arrays(zarr.open_group(str(p), mode="r")) for p in (got, want))
     for name in names:
         x, y = np.asarray(a[name][...]), np.asarray(b[name][...])
-        assert x.dtype == y.dtype and x.shape == y.shape, name
+        assert (x.dtype == y.dtype or x.dtype.kind == y.dtype.kind == "f") and x.shape == y.shape, name
         if x.dtype.kind == "f":
             np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), atol=1e-5, rtol=0, err_msg=name)
         else:
@@ -166,30 +164,6 @@ def test_blockwise_equals_whole_volume_predict(work: Path, reference: Path, bloc
     assert record["block"] == [2, 64, 72] and record["tile"] == 48 and record["model"] == str(work / "model_a")
 
 
-def _descendants(name: str) -> list[int]:
-    """Pids of this process's descendants whose command line starts with ``name`` (Ray sets its actors')."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            parents[int(stat.parent.name)] = int(fields[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    found = []
-    for pid in parents:
-        p = pid
-        while p in parents and p != os.getpid():
-            p = parents[p]
-        if p != os.getpid():
-            continue
-        try:
-            if (Path("/proc") / str(pid) / "cmdline").read_bytes().startswith(name.encode()):
-                found.append(pid)
-        except OSError:
-            continue
-    return found
-
-
 def _done_count(store: Path) -> int:
     """Blocks marked done so far (a chunk file of block_done exists only once set)."""
     return sum(1 for p in (store / DONE_ARRAY).rglob("*") if p.is_file() and p.name != "zarr.json")
@@ -213,7 +187,7 @@ def test_rerun_predicts_only_unfinished_blocks_and_survives_sigkill(work: Path, 
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not killed:
             busy = _done_count(work / "resume.zarr") >= 18 - len(undone) + 2
-            pids = _descendants("ray::BlockWorker.predict_block") if busy else []
+            pids = descendant_pids("ray::BlockWorker.predict_block") if busy else []
             if pids:
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])
@@ -240,6 +214,7 @@ def test_rerun_predicts_only_unfinished_blocks_and_survives_sigkill(work: Path, 
         (["--ray", "--block", "2,64"], "--block 2,64: give Z,Y,X"),
         (["--block", BLOCK], "--block and --halo work with --ray only"),
         (["--ray"], "--ray needs --block"),
+        (["--ray", "--block", BLOCK, "--voxel-size", "4,4"], "--voxel-size is recorded in OME-Zarr outputs only"),
     ],
 )
 def test_bad_flags_are_one_line_errors(work: Path, extra: list[str], message: str, capsys) -> None:
@@ -257,3 +232,93 @@ def test_other_model_or_settings_refused(work: Path, reference: Path, blockwise,
         assert "was written by another model or settings" in err and what in err and "--overwrite" in err
     assert predict_main(_args(work, "ref.zarr", "--ray", "--block", BLOCK)) == 2  # plain predict's store
     assert "was not written by predict --ray" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def ome_blockwise(work: Path, ray_cluster) -> tuple[Path, BlockwiseResult]:
+    """1 worker, from the OME-Zarr image into an OME-Zarr store (asked for by the ``.ome.zarr`` suffix)."""
+    args = ["--model", str(work / "model_a"), "--input", str(work / "vol.ome.zarr"), "--output",
+            str(work / "bw.ome.zarr"), *FLAGS, "--ray", "--block", BLOCK, "--ray-workers", "1", *LABEL_MAP]  # fmt: skip
+    return work / "bw.ome.zarr", predict_blockwise(parse_args(args))
+
+
+def _ome_nodes(path: Path) -> dict[str, object]:
+    """The nodes ome-zarr-py's reader finds from ``path``, by their path inside it."""
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    return {Path(n.zarr.path).relative_to(path).as_posix().strip("."): n for n in Reader(parse_url(str(path)))()}
+
+
+def test_ome_zarr_output_is_read_back_by_ome_zarr_py(work: Path, reference: Path, ome_blockwise) -> None:
+    """NGFF image + labels with the input's voxel size; chunks on the block grid; values as predict's."""
+    import zarr
+
+    out, result = ome_blockwise
+    assert (result.computed, result.voxel.scale) == (18, VOXEL)
+    nodes = _ome_nodes(out)
+    assert set(nodes) == {"", "labels", *(f"labels/{n}" for n in ("fine_labels", "fallback", "label_values"))}
+    for where, node in nodes.items():
+        if where == "labels":
+            continue
+        assert [a["name"] for a in node.metadata["axes"]] == ["z", "y", "x"], where
+        assert {a["unit"] for a in node.metadata["axes"]} == {"nanometer"}, where
+        assert node.metadata["coordinateTransformations"] == [[{"type": "scale", "scale": list(VOXEL)}]], where
+        assert node.data[0].shape == SHAPE and node.data[0].chunksize == (2, 64, 72), where
+    assert {type(s).__name__ for s in nodes["labels/fine_labels"].specs} == {"Label", "Multiscales"}
+    coarse = _ome_nodes(out / "coarse_prob")[""]
+    assert [a["name"] for a in coarse.metadata["axes"]] == ["c", "z", "y", "x"]
+    assert coarse.metadata["coordinateTransformations"] == [[{"type": "scale", "scale": [1.0, *VOXEL]}]]
+    props = zarr.open_group(str(out / "labels" / "fallback"), mode="r").attrs["ome"]["image-label"]["properties"]
+    assert {"label-value": 255, "class": "undecided"} in props
+    _assert_same(out, reference)
+
+
+def test_ome_zarr_resume_record_and_overwrite(work: Path, ome_blockwise, capsys) -> None:
+    """A rerun finds every block done; another voxel size is refused; --overwrite never takes a user's image."""
+    out = str(ome_blockwise[0])
+    base = ["--model", str(work / "model_a"), "--input", str(work / "vol.ome.zarr"), *FLAGS, "--ray", "--block",
+            BLOCK, *LABEL_MAP]  # fmt: skip
+    assert predict_main([*base, "--output", out]) == 0
+    assert "all 18 blocks" in capsys.readouterr().out
+    assert predict_main([*base, "--output", out, "--voxel-size", "40,5,5"]) == 2
+    err = capsys.readouterr().err
+    assert "was written by another model or settings" in err and "voxel_size" in err
+    assert predict_main([*base, "--output", out, "--voxel-size", "4,4"]) == 2
+    assert "--voxel-size 4,4: give Z,Y,X in nanometres" in capsys.readouterr().err
+    shutil.copytree(work / "vol.ome.zarr", work / "user.ome.zarr")
+    assert predict_main([*base, "--output", str(work / "user.ome.zarr"), "--overwrite"]) == 2
+    assert "which hierseg did not write" in capsys.readouterr().err and (work / "user.ome.zarr" / "s0").is_dir()
+
+
+def test_single_process_predict_writes_the_same_ome_zarr(work: Path, ome_blockwise) -> None:
+    """``predict`` without --ray: the same OME-Zarr layout, metadata and values (only the chunks differ)."""
+    import zarr
+
+    from hierseg.omezarr import PATHS
+
+    args = _args(work, "single.ome.zarr", *LABEL_MAP, "--voxel-size", ",".join(map(str, VOXEL)))
+    assert predict_main(args) == 0
+    _assert_same(work / "single.ome.zarr", ome_blockwise[0])
+    a, b = (zarr.open_group(str(p), mode="r") for p in (work / "single.ome.zarr", ome_blockwise[0]))
+    for path in ["labels", *(p.rsplit("/", 1)[0] for p in PATHS.values() if "/" in p)]:
+        assert a[path].attrs["ome"] == b[path].attrs["ome"], path
+    assert a.attrs["ome"] == b.attrs["ome"]
+
+
+def test_unknown_model_alias_is_one_line_error(work: Path, capsys) -> None:
+    """A real SQLite MLflow registry: an alias the model lacks is refused before any worker starts."""
+    import mlflow
+
+    uri = f"sqlite:///{work}/registry.db"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("tiny-seg")
+    client.create_model_version("tiny-seg", source=str(work / "model_a"))
+    client.set_registered_model_alias("tiny-seg", "champion", "1")
+    argv = _args(work, "alias.zarr", "--ray", "--block", BLOCK, "--tracking-uri", uri)
+    argv[1] = "models:/tiny-seg@nosuchalias"
+    capsys.readouterr()  # MLflow's own lines while the store is created
+    assert predict_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has no alias 'nosuchalias'" in err and "@champion -> 1" in err
+    assert not (work / "alias.zarr").exists()

@@ -60,11 +60,56 @@ def tiny_spec(shards: Path, work: Path, **sections: dict[str, Any]) -> dict[str,
             "log_every": 2,
             "storage_path": str(work / "runs"),
         },
-        "tracking": {"uri": sqlite_store(work), "experiment": "tests"},
+        # a test that names its own store gets no seeded one (nor a folder made for it)
+        "tracking": {"uri": sections.get("tracking", {}).get("uri") or sqlite_store(work), "experiment": "tests"},
     }
     for key, value in sections.items():
         spec[key] = {**spec.get(key, {}), **value}
     return spec
+
+
+def untrained_checkpoint(folder: Path, seed: int, **model: Any) -> Path:
+    """A checkpoint folder ``load_predictor`` accepts: :func:`tiny_spec`'s model (``model`` overrides its
+    section), seeded and untrained, heads sharpened so that every fine class, coarse group and label value
+    occurs. Untrained, it has many near-ties, where argmax and float16 rounding show any numeric difference."""
+    import torch
+
+    from hierseg.model import build_model
+    from hierseg.spec import validate_spec
+
+    spec = validate_spec(tiny_spec(folder, folder, model=model, tracking={"uri": "sqlite:///never-opened.db"}))
+    torch.manual_seed(seed)
+    net = build_model(spec.model, spec.hierarchy.build())
+    with torch.no_grad():
+        for head in (net.fine_head, *net.coarse_heads):
+            head.weight.mul_(10.0)
+    folder.mkdir(parents=True)
+    state = {"model": net.state_dict(), "spec": spec.model_dump(mode="json"), "normalization": {"mode": "zscore"}}
+    torch.save(state, folder / "state.pt")
+    return folder
+
+
+def descendant_pids(prefix: str, root: int | None = None) -> list[int]:
+    """Pids of the descendants of ``root`` (default: this process) whose command line starts with ``prefix``
+    (Ray sets its actors' to ``ray::Class.method``)."""
+    root = os.getpid() if root is None else root
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found = []
+    for pid in parents:
+        p = pid
+        while p in parents and p != root:
+            p = parents[p]
+        try:
+            if p == root and (Path("/proc") / str(pid) / "cmdline").read_bytes().startswith(prefix.encode()):
+                found.append(pid)
+        except OSError:
+            continue
+    return found
 
 
 def write_spec(spec: dict[str, Any], path: Path) -> Path:
