@@ -5,7 +5,9 @@ Each labelled slice goes through the same sliding window and decoding as ``hiers
 figures are the ones a user gets by predicting those slices and scoring them by hand. Training runs
 it on its share of the validation split and all-reduces the counts once; ``hierseg evaluate`` runs
 it on any labelled shards or volume with a registered model. Uncertain pixels are never scored; a
-class with no labelled pixel and no false positive reads "no data".
+class with no labelled pixel and no false positive reads "no data". A 3D block (a 3D model's
+validation) is scored in non-overlapping windows of the training patch size with the same decoding,
+so each voxel counts once (3D sliding-window prediction with blending comes later).
 """
 
 from __future__ import annotations
@@ -21,7 +23,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from hierseg.infer import NO_COARSE, PredictError, PredictOptions, Predictor, decide, predict_probs
+from hierseg.infer import (
+    NO_COARSE,
+    PredictError,
+    PredictOptions,
+    Predictor,
+    autocast_for,
+    block_windows,
+    decide,
+    predict_probs,
+    window_probs,
+)
 from hierseg.labels import FINE_CLASSES, NUM_FINE_CLASSES, Hierarchy, LabelSets, LabelSpace, LabelValue
 from hierseg.metrics import EvalMetrics
 
@@ -83,17 +95,53 @@ def run_eval_sources(
     shown: list[tuple[torch.Tensor, ...]] = []
     was_training = model.training
     model.eval()
-    for image_1CHW, label_1HW, *tag in batches:
+    for image_1CS, label_1S, *tag in batches:
         k = int(tag[0]) if tag else 0
         options, space = per_source[k]
-        probs = predict_probs(model, image_1CHW[0].to(device), options)
-        pred_HW = torch.from_numpy(decide(probs, luts[0], options, space)["fine_labels"]).long()
-        coarse = torch.split(probs[NUM_FINE_CLASSES:], hierarchy.num_groups)
-        parts[k].update(pred_HW[None], [c[None] for c in coarse], label_1HW)
-        if len(shown) < num_samples:
-            shown.append((image_1CHW[0, 0].float(), label_1HW[0], pred_HW, coarse[0]))
+        for box, pred_S, coarse in _decided(model, image_1CS[0], device, options, space, hierarchy):
+            label_S = label_1S[0][box]
+            parts[k].update(pred_S[None], [c[None] for c in coarse], label_S[None])
+            if len(shown) < num_samples:
+                shown.append(_plot_section(image_1CS[0][(slice(None), *box)], label_S, pred_S, coarse[0]))
     model.train(was_training)
     return parts, _sample(shown)
+
+
+def _decided(
+    model: torch.nn.Module, image_CS: torch.Tensor, device: torch.device, options: PredictOptions,
+    space: LabelSpace | None, hierarchy: Hierarchy,
+) -> Iterator[tuple[tuple[slice, ...], torch.Tensor, tuple[torch.Tensor, ...]]]:  # fmt: skip
+    """``(box, fine labels [*s], coarse probabilities [K, *s] per level)`` of one validation sample.
+
+    A 2D slice goes whole through ``hierseg predict``'s sliding window (one box: all of it); a 3D block
+    window by window (:func:`_block_probs`).
+    """
+    if image_CS.dim() == 3:
+        items: Any = [((slice(None), slice(None)), predict_probs(model, image_CS.to(device), options))]
+    else:
+        items = _block_probs(model, image_CS, device, options)
+    lut = hierarchy.lut()
+    for box, probs in items:
+        pred_S = torch.from_numpy(decide(probs, lut, options, space)["fine_labels"]).long()
+        yield box, pred_S, torch.split(probs[NUM_FINE_CLASSES:], hierarchy.num_groups)
+
+
+def _block_probs(model: torch.nn.Module, image_CDHW: torch.Tensor, device: torch.device, options: PredictOptions):
+    """``(box, probabilities [12 + sum K, d, h, w])`` of each window of a 3D block (:func:`block_windows`, no
+    overlap): every voxel is scored once, and memory stays one window's probabilities however large the block."""
+    if options.window is None:
+        raise ValueError("scoring a 3D block needs PredictOptions.window (the 3D training patch size [z, y, x])")
+    autocast = autocast_for(options, device)
+    for box in block_windows(tuple(image_CDHW.shape[1:]), options.window):
+        yield box, window_probs(model, image_CDHW[(slice(None), *box)][None].to(device), autocast)[0].cpu()
+
+
+def _plot_section(image_CS: torch.Tensor, label_S: torch.Tensor, pred_S: torch.Tensor, coarse_KS: torch.Tensor):
+    """What the samples figure shows of a sample: a 2D slice itself, the middle section of a 3D window."""
+    if label_S.dim() == 3:
+        mid = label_S.shape[0] // 2
+        return image_CS[0, mid].float(), label_S[mid], pred_S[mid], coarse_KS[:, mid]
+    return image_CS[0].float(), label_S, pred_S, coarse_KS
 
 
 def _sample(shown: list[tuple[torch.Tensor, ...]]) -> EvalSample | None:

@@ -29,6 +29,7 @@ for a model trained with label sets, ``fine`` otherwise.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 import tempfile
@@ -83,6 +84,9 @@ class PredictOptions:
     device: str | None = None  # None: cuda when available, else cpu
     amp: bool = True  # bf16 autocast on GPU (never on CPU)
     decode: str = "fine"  # "fine" or "labels" (see the module doc)
+    window: tuple[int, ...] | None = None
+    """3D models (validation only): score a ``[D, H, W]`` block in non-overlapping windows of at most this
+    ``[z, y, x]`` (:func:`block_windows`); 3D sliding-window prediction is not yet supported."""
 
 
 # ------------------------------------------------------------------------------------------- tiling
@@ -182,15 +186,12 @@ def predict_region_probs(
     (oy, ox), (_, rh, rw) = origin, image_CHW.shape
     window = blend_window(th, tw, options.overlap if len(boxes) > 1 else 0).to(device)
     acc, weight = None, torch.zeros(rh, rw, device=device)
-    amp = options.amp and device.type == "cuda"
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
+    ctx = autocast_for(options, device)
     for run, size in _batches(needed, len(boxes), options.batch):
         starts = [(boxes[i][0] - oy, boxes[i][1] - ox) for i in run]
         tiles = [image_CHW[:, y : y + th, x : x + tw] for y, x in starts]
         tiles += tiles[-1:] * (size - len(run))  # pad to the whole-slice batch size; the extra results are dropped
-        with ctx:
-            logits_fine, logits_coarse = model(torch.stack(tiles).to(device))
-        probs = torch.cat([logits_fine.float().softmax(1), *(lc.float().sigmoid() for lc in logits_coarse)], 1)
+        probs = window_probs(model, torch.stack(tiles).to(device), ctx)
         if acc is None:
             acc = torch.zeros(probs.shape[1], rh, rw, device=device)
         for (y, x), p in zip(starts, probs[: len(run)]):
@@ -198,6 +199,31 @@ def predict_region_probs(
             weight[y : y + th, x : x + tw] += window
     y0, y1, x0, x1 = interior
     return (acc / weight)[:, y0 - oy : y1 - oy, x0 - ox : x1 - ox].cpu()
+
+
+def autocast_for(options: PredictOptions, device: torch.device) -> Any:
+    """bf16 autocast on GPU when ``options.amp``; a no-op context on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if options.amp and device.type == "cuda" else nullcontext()
+
+
+def window_probs(model: torch.nn.Module, x_BCS: torch.Tensor, autocast: Any) -> torch.Tensor:
+    """``[B, 12 + sum K, *S]`` probabilities of a batch of windows: softmax fine, then every level's sigmoids."""
+    with autocast:
+        logits_fine, logits_coarse = model(x_BCS)
+    return torch.cat([logits_fine.float().softmax(1), *(lc.float().sigmoid() for lc in logits_coarse)], 1)
+
+
+def block_windows(shape_S: tuple[int, ...], window: tuple[int, ...]) -> list[tuple[slice, ...]]:
+    """Non-overlapping near-equal windows of at most ``window`` that cover a block of ``shape_S`` exactly once.
+
+    Why no overlap: validation of a 3D model must score every voxel exactly once, and until 3D sliding
+    windows with blending exist, tiling without overlap is the simplest exact scheme (the U-Net pads a
+    window whose sides its pooling does not divide, so near-equal sides need no special case).
+    """
+    from hierseg.data.shards import tile_bounds
+
+    per_axis = [tile_bounds(n, w) for n, w in zip(shape_S, window, strict=True)]
+    return [tuple(slice(a, b) for a, b in box) for box in itertools.product(*per_axis)]
 
 
 def predict_probs(model: torch.nn.Module, image_CHW: torch.Tensor, options: PredictOptions) -> torch.Tensor:
@@ -223,7 +249,7 @@ def decide(
     if options.decode == "labels":
         allowed, extra["label_values"] = _label_space_decision(fine, label_space)
     else:
-        members = lut.bool().t()[group].permute(2, 0, 1)  # [12, H, W]: class is in the top group
+        members = lut.bool().t()[group].movedim(-1, 0)  # [12, *S]: class is in the top group
         allowed = torch.where(confident_group[None], members, torch.ones_like(members))
     conf, label = fine.masked_fill(~allowed, -1.0).max(0)
     conf = conf.to(torch.float16).float()  # thresholds apply to the written (float16) confidence
@@ -239,18 +265,18 @@ def decide(
     }
 
 
-def _label_space_decision(fine_CHW: torch.Tensor, space: LabelSpace | None) -> tuple[torch.Tensor, np.ndarray]:
+def _label_space_decision(fine_CS: torch.Tensor, space: LabelSpace | None) -> tuple[torch.Tensor, np.ndarray]:
     """The most probable label-map value per pixel (a set's probability: its classes' summed softmax).
 
-    Returns the fine classes allowed where each value won ``[12, H, W]`` and the winning values' codes.
+    Returns the fine classes allowed where each value won ``[12, *S]`` and the winning values' codes.
     """
     if space is None or not len(space):
         raise PredictError("--decode labels needs the model's training label map; use --decode fine")
     table_VC = space.members_table()
-    value_probs = torch.einsum("vc,chw->vhw", table_VC.float(), fine_CHW)
+    value_probs = torch.einsum("vc,c...->v...", table_VC.float(), fine_CS)
     win = value_probs.argmax(0)
     codes = torch.tensor([v.code for v in space.values], dtype=torch.int32)
-    return table_VC[win].permute(2, 0, 1), codes[win].numpy()
+    return table_VC[win].movedim(-1, 0), codes[win].numpy()
 
 
 def _as_chw(x: np.ndarray, channels: int) -> torch.Tensor:
@@ -295,8 +321,8 @@ class Predictor:
     label_sets: LabelSets = field(default_factory=LabelSets)
     label_space: LabelSpace | None = None
     """The training label map's values (``None`` for a model that does not record its label map)."""
-    patch_size: int = 256
-    """The training patch size: the default prediction window."""
+    patch_size: int | list[int] = 256
+    """The training patch size: the default prediction window (``[z, y, x]`` for a 3D model)."""
     spec: Any = None
     """The resolved training spec (``None`` for a bare model)."""
 
@@ -336,7 +362,7 @@ class Predictor:
         sets = LabelSets.from_config((record or {}).get("sets") or [], where="checkpoint label_map sets")
         space = LabelSpace.from_label_map(record, sets) if record else None
         norm = state_normalization(state, spec)
-        return cls(model, spec.hierarchy.build(), norm, sets, space, int(spec.data.patch_size), spec)
+        return cls(model, spec.hierarchy.build(), norm, sets, space, spec.data.patch_size, spec)
 
 
 def state_normalization(state: dict[str, Any], spec: Any) -> dict[str, Any]:
@@ -409,11 +435,17 @@ def load_predictor(uri: str, tracking_uri: str | None = None) -> Predictor:
                 "runs:/RUN_ID/model, or a checkpoint folder / state.pt"
             )
     try:
-        return Predictor.from_state(load_state(path))
+        predictor = Predictor.from_state(load_state(path))
     except (FileNotFoundError, RuntimeError, KeyError) as e:
         raise PredictError(f"--model {uri}: not a loadable hierseg checkpoint ({e})") from None
     except ValueError as e:
         raise PredictError(f"--model {uri}: {e}") from None
+    if predictor.spec is not None and predictor.spec.model.dims == 3:
+        raise PredictError(
+            f"--model {uri} is a 3D model (model.dims 3): 3D prediction (3D sliding windows, OME-Zarr output) is not "
+            "yet supported; predict with a 2D model (its best checkpoint stays in the run folder for later)"
+        )
+    return predictor
 
 
 def load_model(uri: str, tracking_uri: str | None = None) -> tuple[torch.nn.Module, Any]:

@@ -200,14 +200,15 @@ class UNet(nn.Module):
 def build_model(spec: ModelSpec, hierarchy: Hierarchy, voxel_size: Sequence[float] | None = None) -> UNet:
     """The network of a model spec: 2D, or 3D planned for ``voxel_size`` (default: ``spec.voxel_size``).
 
-    ``voxel_size`` is where the data's own voxel size (a manifest's) comes in; without either, a 3D network
-    is planned for isotropic voxels, with a warning, since shards do not record their voxel size yet.
+    ``voxel_size`` overrides the spec's; training resolves the data's own (the manifest's) into the spec
+    before any rank builds (:func:`hierseg.train.launch.resolve_voxel_size`). Without either, a 3D network
+    is planned for isotropic voxels, with a warning.
     """
     voxel_size = voxel_size if voxel_size is not None else spec.voxel_size
     if spec.dims == 3 and voxel_size is None:
         warnings.warn(
-            "model.voxel_size is not set: planning the 3D network for isotropic voxels (set it to the data's "
-            "[z, y, x] in nm for anisotropic stacks)",
+            "model.voxel_size is not set and the training shards record none: planning the 3D network for "
+            "isotropic voxels (set it to the data's [z, y, x] in nm, or build the shards with --voxel-size)",
             stacklevel=2,
         )
     return UNet(

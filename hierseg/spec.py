@@ -169,7 +169,8 @@ class DataSpec(_Strict):
     patch_size: PosInt | list[PosInt] = 256
     """Side of the square crop drawn at a fresh random position from a stored slice for every training
     sample (validation scores whole slices through the same sliding window as ``hierseg predict``); with
-    ``model.dims: 3``, a 3D crop ``[z, y, x]`` whose sides the network's pooling divides."""
+    ``model.dims: 3``, a 3D crop ``[z, y, x]`` from a stored 3D block, with sides the network's pooling divides
+    and at most the largest block (validation scores whole blocks in non-overlapping windows of this size)."""
     normalization: NormalizationSpec = NormalizationSpec()
     """Input normalisation, recorded in checkpoints and the logged model so prediction applies the same."""
     num_workers: NonNegInt = 2
@@ -264,12 +265,13 @@ class ModelSpec(_Strict):
 
     dims: Literal[2, 3] = 2
     """Spatial dimensions: 2 (slices or tiles; 2.5D context as channels) or 3 (a 3D U-Net on ``[z, y, x]``
-    crops, ``data.patch_size`` then a list of three sides). Training in 3D is not yet supported: it needs 3D
-    shards, which come later."""
+    crops of 3D shards from ``make-shards --stack --dims 3``, ``data.patch_size`` then a list of three sides).
+    3D models train and validate; 3D prediction (``hierseg predict``, the logged MLflow model) comes later."""
     voxel_size: list[PositiveFloat] | None = None
     """Voxel size ``[z, y, x]`` in nm that plans the 3D network (``dims: 3`` only): an axis is pooled, and
     convolved across, only while its spacing is under twice the finest (nnU-Net's rule), so coarse-z stacks
-    pool in xy first; ``null``: isotropic (shards do not record their voxel size yet)."""
+    pool in xy first; ``null``: the training manifest's ``voxel_size`` (``make-shards --voxel-size``), else
+    isotropic with a warning. The resolved value is saved in the checkpoints' spec."""
 
     in_channels: PosInt = 1
     """Image channels (1 for EM; 2.5D context slices add channels)."""
@@ -439,7 +441,12 @@ class JobSpec(_Strict):
         return self
 
     def _check_patch_dims(self) -> None:
-        """``data.patch_size`` takes the form of ``model.dims``, and a 3D patch pools without padding."""
+        """``data.patch_size`` takes the form of ``model.dims``, and a 3D patch pools without padding.
+
+        Without ``model.voxel_size`` the plan depends on the training manifest's voxel size, so the pooling
+        check waits for the preflight (:func:`hierseg.train.launch.resolve_voxel_size`) rather than
+        refusing sides that the data's plan accepts (an isotropic plan pools z as often as x and y).
+        """
         patch, dims = self.data.patch_size, self.model.dims
         if dims == 2 and isinstance(patch, list):
             raise ValueError(
@@ -451,7 +458,7 @@ class JobSpec(_Strict):
                 f"data.patch_size {patch} is a 2D side but model.dims is 3; give a 3D patch [z, y, x], "
                 "for example [16, 128, 128]"
             )
-        if dims == 3:
+        if dims == 3 and self.model.voxel_size is not None:
             from hierseg.model import check_patch_size, plan_unet  # here, not at the top: hierseg.model imports spec
 
             check_patch_size(plan_unet(self.model.depth, 3, self.model.voxel_size), patch)

@@ -1,6 +1,12 @@
-"""3D (issue 12, first slice): spec, planned 3D U-Net, loss and metrics on [B, C, D, H, W]; 2D unchanged."""
+"""3D (issue 12): spec, planned 3D U-Net, loss and metrics on [B, C, D, H, W]; 3D shards, crops, validation and a
+3D training run end to end; 2D unchanged."""
 
 from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -276,14 +282,421 @@ def test_3d_spec_loads_and_2d_default_is_unchanged(tmp_path):
     assert spec.model.dims == 2 and spec.data.patch_size == 128 and spec.model.voxel_size is None
 
 
-def test_3d_spec_at_the_trainer_is_one_clear_line(tmp_path, capsys):
-    """`hierseg train` on a 3D spec exits 2 with 'not yet supported: 3D shards' before touching storage."""
-    from hierseg.train.cli import main
+# ------------------------------------------------------------------------------------------- 3D shards
+VOXEL_NM = [40.0, 10.0, 10.0]  # z 4x coarser than xy: with depth 2 the plan pools xy only (divisor 1, 4, 4)
+TRAIN_Z, VAL_Z = (0, 9), (11, 16)
 
-    storage = tmp_path / "runs"
-    text = SPEC.format(patch="[16, 64, 64]", model="{dims: 3}")  # isotropic default: every side a multiple of 16
-    text = text.replace("run: {max_steps: 1}", f"run: {{max_steps: 1, storage_path: {storage}}}")
-    assert main(["--spec", str(_write(tmp_path, text)), "--launcher", "local"]) == 2
+
+@pytest.fixture(scope="module")
+def stack3d(tmp_path_factory) -> Path:
+    """A synthetic 16 x 64 x 64 stack as 3D shards: train z 0:9, val z 11:16, blocks of z slab x 32 x 32."""
+    from hierseg.data import shards
+    from hierseg.data.synth import synth_stack
+
+    root = tmp_path_factory.mktemp("stack3d")
+    image, label = synth_stack(5, 16, 64)
+    np.save(root / "img.npy", image)
+    np.save(root / "lab.npy", np.where(label < 0, 255, label).astype(np.uint8))
+    slabs = f"train={TRAIN_Z[0]}:{TRAIN_Z[1]},val={VAL_Z[0]}:{VAL_Z[1]}"
+    args = [*_stack_args(root), "--out", str(root / "s"), "--dims", "3", "--voxel-size", "40,10,10"]
+    assert shards.main([*args, "--slabs", slabs, "--tile-size", "32", "--samples-per-shard", "2"]) == 0
+    return root
+
+
+def _stack_args(root: Path) -> list[str]:
+    return ["--images", str(root / "img.npy"), "--labels", str(root / "lab.npy"), "--stack"]
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def _blocks(folder: Path) -> list[dict]:
+    from hierseg.data.loader import iter_raw_samples, resolve_shards
+
+    return [raw for url in resolve_shards(str(folder)) for raw in iter_raw_samples(url)]
+
+
+def test_3d_shards_store_each_slab_voxel_once_with_voxel_size_and_per_slice_stats(stack3d):
+    """Blocks tile the train slab exactly once; manifest: dims, voxel size, block shape, exact valid histogram."""
+    from hierseg.data.loader import decode_sample
+
+    image, label = np.load(stack3d / "img.npy"), np.load(stack3d / "lab.npy")
+    m = _manifest(stack3d / "s" / "train")
+    assert (m["dims"], m["voxel_size"], m["patch_shape"], m["min_block_shape"]) == (
+        3,
+        VOXEL_NM,
+        [9, 32, 32],
+        [9, 32, 32],
+    )
+    assert m["num_samples"] == 4 and len(m["shards"]) == 2 and m["build"]["voxel_size"] == VOXEL_NM
+    cover = np.zeros((TRAIN_Z[1] - TRAIN_Z[0], 64, 64), np.int64)
+    hist, uncertain = np.zeros(12, np.int64), 0
+    for raw in _blocks(stack3d / "s" / "train"):
+        meta = json.loads(raw["json"])
+        z, y, x = meta["z"], meta["y"], meta["x"]
+        x_CDHW, y_DHW = decode_sample(raw, {"mode": "zscore"}, 12)
+        d, h, w = y_DHW.shape
+        cover[z : z + d, y : y + h, x : x + w] += 1
+        np.testing.assert_array_equal(
+            np.where(y_DHW.numpy() < 0, 255, y_DHW.numpy()), label[z : z + d, y : y + h, x : x + w]
+        )
+        whole = image[z : z + d].astype(np.float64)  # z-score of each slice with its whole-slice statistics
+        want = (image[z : z + d, y : y + h, x : x + w] - whole.mean((1, 2), keepdims=True)) / whole.std(
+            (1, 2), keepdims=True
+        )
+        np.testing.assert_allclose(x_CDHW[0].numpy(), want, rtol=1e-5, atol=1e-5)
+        hist += np.bincount(y_DHW[y_DHW >= 0].numpy(), minlength=12)
+        uncertain += int((y_DHW < 0).sum())
+    assert np.all(cover == 1)
+    assert hist.tolist() == m["class_histogram"] and uncertain == m["num_uncertain_pixels"] > 0
+
+
+def test_block_depth_cuts_slabs_and_2d_builds_keep_their_manifest(stack3d, tmp_path):
+    """--block-depth 4 cuts the 9-slice slab into 3 blocks of 3; a 2D build of the stack writes no 3D field."""
+    from hierseg.data import shards
+
+    out = tmp_path / "b"
+    args = [*_stack_args(stack3d), "--slabs", "train=0:9,val=11:16", "--tile-size", "64"]
+    assert shards.main([*args, "--out", str(out), "--dims", "3", "--voxel-size", "40,10,10", "--block-depth", "4"]) == 0
+    m = _manifest(out / "train")
+    assert m["num_samples"] == 3 and m["patch_shape"] == [3, 64, 64]
+    assert [json.loads(r["json"])["z"] for r in _blocks(out / "train")] == [0, 3, 6]
+    assert shards.main([*args, "--out", str(tmp_path / "d2")]) == 0
+    m2 = _manifest(tmp_path / "d2" / "train")
+    assert not {"dims", "voxel_size", "min_block_shape"} & set(m2) and m2["patch_shape"] == [64, 64]
+    assert list(m2["build"]) == ["tile_size", "axis", "context", "min_valid", "shard_mb", "samples_per_shard"]
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--dims", "3"], r"--dims 3 needs --voxel-size Z,Y,X"),
+        (["--dims", "3", "--voxel-size", "40,10,10", "--context", "1"], r"--context 1 is 2.5D.*drop --context"),
+        (["--voxel-size", "40,10,10"], r"--voxel-size and --block-depth describe 3D blocks; add --dims 3"),
+    ],
+)
+def test_3d_build_flag_errors_are_one_clear_line(stack3d, tmp_path, capsys, extra, match):
+    """make-shards with a missing/contradicting 3D flag exits 2 naming the flag and the fix; nothing written."""
+    from hierseg.data import shards
+
+    assert shards.main([*_stack_args(stack3d), "--out", str(tmp_path / "o"), *extra]) == 2
     err = capsys.readouterr().err.strip()
-    assert "not yet supported: 3D shards" in err and "\n" not in err
-    assert not storage.exists()
+    assert "\n" not in err and re.search(match, err), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_3d_build_needs_a_stack_and_a_valid_voxel_size(stack3d, tmp_path, capsys):
+    """--dims 3 without --stack, or a voxel size that is not three positive numbers, is refused."""
+    from hierseg.data import shards
+
+    base = ["--images", str(stack3d / "img.npy"), "--labels", str(stack3d / "lab.npy"), "--out", str(tmp_path / "o")]
+    assert shards.main([*base, "--dims", "3", "--voxel-size", "40,10,10"]) == 2
+    assert "--dims 3 stores blocks of a stack: add --stack" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        shards.main([*base, "--stack", "--dims", "3", "--voxel-size", "40,10"])
+    assert "give three positive sizes Z,Y,X in nm" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------------- 3D crops, augment
+def test_3d_crop_position_comes_from_the_seed_one_draw_per_axis():
+    """random_crop [z, y, x]: same seed same crop, positions spread over the block; small blocks pad uncertain."""
+    from hierseg.data.loader import random_crop
+
+    image = torch.arange(10 * 40 * 30, dtype=torch.float32).view(1, 10, 40, 30)
+    label = torch.zeros(10, 40, 30, dtype=torch.int64)
+
+    def origin(seed: int) -> tuple[int, ...]:
+        crop, lab = random_crop(image, label, [4, 16, 16], torch.Generator().manual_seed(seed))
+        assert crop.shape == (1, 4, 16, 16) and lab.shape == (4, 16, 16)
+        flat = int(crop[0, 0, 0, 0])
+        return flat // 1200, flat // 30 % 40, flat % 30
+
+    origins = [origin(s) for s in range(60)]
+    assert origins == [origin(s) for s in range(60)] and len(set(origins)) > 50
+    assert all(0 <= z <= 6 and 0 <= y <= 24 and 0 <= x <= 14 for z, y, x in origins)
+    assert {z for z, _, _ in origins} == set(range(7))  # every z start is reachable
+    small, small_label = random_crop(image[:, :2, :8, :8], label[:2, :8, :8], [4, 16, 16], torch.Generator())
+    assert small.shape == (1, 4, 16, 16) and int((small_label == -1).sum()) == 4 * 16 * 16 - 2 * 8 * 8
+
+
+def test_3d_class_balanced_crop_centres_on_a_rare_voxel_and_dims_must_match():
+    """Class-weighted 3D crops contain the rare class; a 2D patch on a 3D block names data.patch_size."""
+    from hierseg.data.loader import random_crop
+
+    label = torch.full((12, 60, 60), 2, dtype=torch.int64)
+    label[9:11, 50:53, 4:7] = 10
+    image, weights = torch.zeros(1, 12, 60, 60), torch.zeros(12)
+    weights[10] = 1.0
+    for seed in range(10):
+        assert (random_crop(image, label, [4, 16, 16], torch.Generator().manual_seed(seed), weights)[1] == 10).any()
+    with pytest.raises(ValueError, match=r"a 2D patch \[16, 16\] \(data\.patch_size\) cannot be cut from a 3D sample"):
+        random_crop(image, label, 16, torch.Generator())
+
+
+def test_3d_augment_flips_z_and_xy_and_keeps_label_values():
+    """3D flips are the 8 axis-flip combinations (z included); with every transform, shapes and values hold."""
+    from hierseg.data.augment import augment
+    from hierseg.spec import AugmentSpec
+
+    label = torch.randint(-1, 12, (4, 16, 16), generator=torch.Generator().manual_seed(0))
+    image = label[None].float()
+    flips_only = AugmentSpec(rot90=False, contrast=0, gamma=0, noise=0)
+    combos = {
+        dims: label.flip(dims) if dims else label for dims in [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)]
+    }
+    seen = set()
+    for seed in range(40):
+        img, lab = augment(image, label, flips_only, torch.Generator().manual_seed(seed))
+        match = [d for d, want in combos.items() if torch.equal(lab, want)]
+        assert match and torch.equal(img[0], lab.float())  # image and label move together
+        seen.add(match[0])
+    assert any(0 in d for d in seen) and any(0 not in d for d in seen)  # z is flipped sometimes, not always
+    full = AugmentSpec(elastic=1.0, blur=1.0)
+    for seed in range(3):
+        img, lab = augment(torch.rand(1, 4, 16, 16), label, full, torch.Generator().manual_seed(seed))
+        assert img.shape == (1, 4, 16, 16) and lab.shape == (4, 16, 16) and lab.dtype == torch.int64
+        assert set(lab.unique().tolist()) <= set(label.unique().tolist())
+
+
+def _stream_digests(
+    data, steps: int, state: dict | None = None, skip: int = 0, seed: int = 7
+) -> tuple[list[str], dict]:
+    from tests.data_helpers import digest, train_loader
+
+    stream = train_loader(data, rank=1, world_size=2, batch_size=2, seed=seed)
+    if state is not None:
+        stream.load_state_dict(state)
+    it = iter(stream)
+    out, saved = [], {}
+    for i in range(steps):
+        if i == skip:
+            saved = json.loads(json.dumps(stream.state_dict()))
+        x, y = next(it)
+        assert x.shape == (2, 1, 4, 16, 16) and y.shape == (2, 4, 16, 16) and bool((y >= 0).flatten(1).any(1).all())
+        out.append(digest(x) + digest(y))
+    return out, saved
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_3d_crop_stream_is_deterministic_per_seed_and_resumes_exactly(stack3d, num_workers):
+    """3D batches: same seed same stream; a stream resumed from its state gives the uninterrupted batches."""
+    from hierseg.spec import AugmentSpec, DataSpec
+
+    folder = str(stack3d / "s" / "train")
+    data = DataSpec(train=folder, val=folder, batch_size=4, num_workers=num_workers, shuffle_buffer=3,
+                    patch_size=[4, 16, 16], augment=AugmentSpec(elastic=0.5, blur=0.5))  # fmt: skip
+    ref, state = _stream_digests(data, 8, skip=5)
+    assert _stream_digests(data, 8)[0] == ref and len(set(ref)) == 8
+    assert _stream_digests(data, 8, seed=8)[0] != ref
+    resumed, _ = _stream_digests(data, 3, state=state)
+    assert resumed == ref[5:]
+
+
+def _val_rank3d(rank: int, world: int, val_dir: str) -> dict:
+    """One gloo rank: its share of the 3D validation blocks through 3D evaluation, counts all-reduced once."""
+    from hierseg.evaluate import run_eval, summarize
+    from hierseg.infer import PredictOptions
+    from hierseg.spec import DataSpec
+    from tests.data_helpers import digest, val_loader
+
+    data = DataSpec(train=val_dir, val=val_dir, batch_size=2, num_workers=1, patch_size=[4, 16, 16])
+    blocks: list[str] = []
+
+    def tapped():  # the blocks this rank scores, recorded as they pass
+        for image, label in val_loader(data, rank=rank, world_size=world):
+            blocks.append(digest(label))
+            yield image, label
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(dims=3, depth=2, base_channels=4, voxel_size=VOXEL_NM), Hierarchy.default())
+    opts = PredictOptions(window=(4, 16, 16))
+    metrics, _ = run_eval(model, tapped(), Hierarchy.default(), torch.device("cpu"), opts)
+    local = metrics.fine.num_valid
+    metrics.all_reduce()
+    return {"blocks": blocks, "local": local, "summary": summarize(metrics, Hierarchy.default())}
+
+
+def test_3d_validation_scores_every_valid_voxel_exactly_once_on_2_ranks(stack3d):
+    """2 gloo ranks: each val block on exactly one rank; all-reduced val/num_valid = the manifest's histogram sum."""
+    from tests.data_helpers import digest
+
+    val_dir = stack3d / "s" / "val"
+    every = sorted(digest(_decode(raw)[1]) for raw in _blocks(val_dir))
+    results = run_ranks(2, _val_rank3d, str(val_dir))
+    seen = sorted(b for r in results for b in r["blocks"])
+    assert seen == every and len(every) == 4 and all(r["blocks"] for r in results)
+    want = sum(_manifest(val_dir)["class_histogram"])
+    assert sum(r["local"] for r in results) == want
+    assert all(r["summary"]["val/num_valid"] == want for r in results)
+    assert results[0]["summary"] == results[1]["summary"]
+
+
+def _decode(raw: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    from hierseg.data.loader import decode_sample
+
+    return decode_sample(raw, {"mode": "zscore"}, 12)
+
+
+# ------------------------------------------------------------------------------------------ voxel size
+def _spec3d(train: Path, val: Path, tmp_path: Path, **model) -> dict:
+    return {
+        "data": {"train": str(train), "val": str(val), "batch_size": 2, "num_workers": 0, "patch_size": [4, 16, 16]},
+        "model": {"dims": 3, "depth": 2, "base_channels": 4, **model},
+        "run": {"num_workers": 1, "max_steps": 1, "storage_path": str(tmp_path / "runs")},
+    }
+
+
+def test_voxel_size_resolves_from_spec_then_manifest_then_isotropic(stack3d, tmp_path):
+    """model.voxel_size wins, else the training manifest's fills it in, else it stays null (isotropic)."""
+    import shutil
+
+    from hierseg.spec import validate_spec
+    from hierseg.train.launch import resolve_voxel_size
+
+    train, val = stack3d / "s" / "train", stack3d / "s" / "val"
+    resolved = resolve_voxel_size(validate_spec(_spec3d(train, val, tmp_path)))
+    assert resolved.model.voxel_size == VOXEL_NM
+    assert resolve_voxel_size(validate_spec(_spec3d(train, val, tmp_path, voxel_size=[8, 8, 8]))).model.voxel_size == [
+        8,
+        8,
+        8,
+    ]
+    bare = tmp_path / "bare"
+    shutil.copytree(train, bare)
+    m = _manifest(bare)
+    del m["voxel_size"]
+    (bare / "manifest.json").write_text(json.dumps(m))
+    assert resolve_voxel_size(validate_spec(_spec3d(bare, val, tmp_path))).model.voxel_size is None
+
+
+def test_patch_size_is_checked_against_the_resolved_plan(stack3d, tmp_path):
+    """z 2 is fine for the manifest's plan (xy-only pooling) but not for an isotropic one: checked at preflight."""
+    from hierseg.spec import validate_spec
+    from hierseg.train.launch import resolve_voxel_size
+
+    raw = _spec3d(stack3d / "s" / "train", stack3d / "s" / "val", tmp_path)
+    raw["data"]["patch_size"] = [2, 16, 16]
+    spec = validate_spec(raw)  # no voxel size yet: the spec does not guess the plan
+    assert resolve_voxel_size(spec).model.voxel_size == VOXEL_NM
+    iso = spec.model_copy(update={"model": spec.model.model_copy(update={"voxel_size": None})})
+    iso = iso.model_copy(update={"data": iso.data.model_copy(update={"train": str(tmp_path / "none")})})
+    with pytest.raises(
+        ValueError, match=r"data\.patch_size \[2, 16, 16\]: z 2 is not a multiple of 4.*isotropic voxels"
+    ):
+        resolve_voxel_size(iso)
+
+
+# -------------------------------------------------------------------------------------- preflight errors
+def _train_main(spec: dict, tmp_path: Path, capsys) -> str:
+    from hierseg.train.cli import main
+    from tests.train_utils import write_spec
+
+    assert main(["--spec", str(write_spec(spec, tmp_path / "s.yaml")), "--launcher", "local"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    return err
+
+
+def test_3d_spec_with_2d_shards_is_a_preflight_error_with_the_fix(tmp_path, capsys):
+    """model.dims 3 on 2D shards exits 2 naming data.train and how to build 3D shards; nothing trains."""
+    from tests.data_helpers import build, write_pairs
+
+    write_pairs(tmp_path / "p", 3, size=64)
+    assert build(tmp_path / "p", tmp_path / "s2", "--val-frac", "0.34") == 0
+    capsys.readouterr()  # the build's own output
+    err = _train_main(_spec3d(tmp_path / "s2" / "train", tmp_path / "s2" / "val", tmp_path), tmp_path, capsys)
+    assert "data.train: " in err and "holds 2D slices/tiles but model.dims is 3" in err
+    assert "--stack --dims 3 --voxel-size Z,Y,X" in err
+    assert not list((tmp_path / "runs").glob("*/checkpoint_*"))
+
+
+def test_2d_spec_with_3d_shards_gives_the_2d_rebuild_command(stack3d, tmp_path, capsys):
+    """model.dims 2 on 3D shards exits 2 naming data.train, model.dims: 3 and the make-shards command without --dims."""
+    spec = _spec3d(stack3d / "s" / "train", stack3d / "s" / "val", tmp_path)
+    spec["model"] = {"depth": 2, "base_channels": 4}
+    spec["data"]["patch_size"] = 32
+    err = _train_main(spec, tmp_path, capsys)
+    assert "data.train: " in err and "holds 3D blocks but model.dims is 2; set model.dims: 3" in err
+    rebuild = err.split("rebuild 2D shards with: ")[1]
+    assert rebuild.startswith("hierseg make-shards ") and "--dims" not in rebuild and "--voxel-size" not in rebuild
+    assert rebuild.endswith("--overwrite")
+
+
+def test_3d_patch_larger_than_the_stack_is_a_preflight_error_with_the_sizes(stack3d, tmp_path, capsys):
+    """A z patch of 16 on a 9-slice training slab exits 2 naming data.patch_size and the block [9, 32, 32]."""
+    spec = _spec3d(stack3d / "s" / "train", stack3d / "s" / "val", tmp_path)
+    spec["data"]["patch_size"] = [16, 32, 32]
+    err = _train_main(spec, tmp_path, capsys)
+    assert "data.train: data.patch_size [16, 32, 32] is larger than the largest 3D block" in err
+    assert "[9, 32, 32]" in err
+
+
+# --------------------------------------------------------------------------------------- 3D end to end
+@pytest.fixture(scope="module")
+def run3d(stack3d, tmp_path_factory):
+    """One tiny 3D training through jobs/train.py --launcher local (6 steps, 2 evaluations); its outputs."""
+    from tests.train_utils import tiny_spec, train_cli, write_spec
+
+    work = tmp_path_factory.mktemp("run3d")
+    spec = tiny_spec(stack3d / "s", work, data={"patch_size": [4, 16, 16], "batch_size": 2},
+                     model={"dims": 3, "base_channels": 4, "depth": 2},
+                     run={"num_workers": 1, "max_steps": 6, "eval_every": 3, "log_every": 1},
+                     tracking={"registered_model": "tiny3d"})  # fmt: skip
+    spec["data"].pop("synthetic")
+    out = train_cli(write_spec(spec, work / "s.yaml"), "--launcher", "local")
+    return spec, out, work / "runs" / "t"
+
+
+def test_3d_local_run_finishes_with_a_finite_logged_loss(run3d):
+    """A 3D spec trains end to end: exit 0, one FINISHED MLflow run, finite train/loss_fine at every logged step."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.train_utils import mlflow_runs
+
+    spec, out, _ = run3d
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run,) = mlflow_runs(spec["tracking"]["uri"])
+    assert run.info.status == "FINISHED"
+    history = MlflowClient(spec["tracking"]["uri"]).get_metric_history(run.info.run_id, "train/loss_fine")
+    losses = [h.value for h in sorted(history, key=lambda h: h.step)]
+    assert len(losses) == 6 and all(math.isfinite(v) and v > 0 for v in losses)
+    assert "val/fine/miou" in run.data.metrics and "val/coarse/iou/non_tissue" in run.data.metrics
+
+
+def test_3d_run_scores_every_val_voxel_once(run3d, stack3d):
+    """val/num_valid of the 3D run equals the validation manifest's valid voxels (each block tiled once)."""
+    from tests.train_utils import mlflow_runs
+
+    spec, out, _ = run3d
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run,) = mlflow_runs(spec["tracking"]["uri"])
+    assert run.data.metrics["val/num_valid"] == sum(_manifest(stack3d / "s" / "val")["class_histogram"])
+
+
+def test_3d_checkpoint_spec_carries_the_manifest_voxel_size_and_rebuilds_the_network(run3d):
+    """The manifest's voxel size is in the saved spec; model_from_state rebuilds that plan; no model is logged."""
+    from hierseg.pyfunc import model_from_state
+    from hierseg.train.checkpoint import load_state
+
+    _, out, run_dir = run3d
+    assert out.returncode == 0, out.stderr[-3000:]
+    for state in (load_state(run_dir / "best"), load_state(sorted(run_dir.glob("checkpoint_*"))[-1])):
+        assert state["spec"]["model"]["voxel_size"] == VOXEL_NM and state["patch_size"] == [4, 16, 16]
+        model, _ = model_from_state(state)
+        assert model.plan == plan_unet(2, 3, VOXEL_NM) != plan_unet(2, 3, None)
+    assert "not logged as an MLflow model nor registered" in out.stderr and "models:/" not in out.stdout
+
+
+def test_predict_with_a_3d_model_is_one_line_not_yet_supported(run3d, stack3d, tmp_path, capsys):
+    """hierseg predict with a 3D checkpoint exits 2 with one 'not yet supported' line and writes nothing."""
+    from hierseg.infer import main
+
+    _, out, run_dir = run3d
+    assert out.returncode == 0, out.stderr[-3000:]
+    code = main(
+        ["--model", str(run_dir / "best"), "--input", str(stack3d / "img.npy"), "--output", str(tmp_path / "o")]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "3D model (model.dims 3): 3D prediction" in err and "not yet supported" in err
+    assert "\n" not in err and not (tmp_path / "o").exists()

@@ -4,6 +4,14 @@ Geometric transforms apply to image and label alike; labels are resampled neares
 pixels pulled in from outside the patch become uncertain (-1), never a made-up class. Intensity
 transforms touch only the image. Every random draw comes from a ``torch.Generator`` the caller seeds
 per sample, so a sample's augmentation depends only on (seed, rank, worker, position) and resume is exact.
+
+3D crops (image ``[C, D, H, W]``, label ``[D, H, W]``) take the same transforms in the xy plane (flips,
+90-degree rotations, the elastic warp: one in-plane field for every section, blur per section) plus a
+z flip. Why a z flip is meaningful: the tissue has no preferred direction along the cutting axis (which
+end of the block was sectioned first says nothing about the biology), so a block read bottom-up is as
+real as read top-down, and mirroring z keeps the anisotropic voxel grid unchanged. Rotations that mix z
+with x or y are not used: with 5-10x coarser z they would resample sections into a grid no microscope
+produces. 2D samples draw exactly what they always drew (the z flip is an extra draw, 3D only).
 """
 
 from __future__ import annotations
@@ -21,12 +29,15 @@ def _rand(gen: torch.Generator) -> float:
 
 
 def geometric(image: torch.Tensor, label: torch.Tensor, spec: AugmentSpec, gen: torch.Generator):
-    """Flips, 90-degree rotations and (with probability ``spec.elastic``) a small elastic/affine warp."""
+    """Flips, 90-degree rotations in the xy plane, a z flip (3D), and (with probability ``spec.elastic``) a small
+    elastic/affine warp in plane."""
     if spec.flips:
         if _rand(gen) < 0.5:
             image, label = image.flip(-1), label.flip(-1)
         if _rand(gen) < 0.5:
             image, label = image.flip(-2), label.flip(-2)
+        if label.dim() == 3 and _rand(gen) < 0.5:
+            image, label = image.flip(-3), label.flip(-3)
     if spec.rot90:
         k = int(torch.randint(0, 4, (), generator=gen))
         if k:
@@ -37,8 +48,11 @@ def geometric(image: torch.Tensor, label: torch.Tensor, spec: AugmentSpec, gen: 
 
 
 def warp(image: torch.Tensor, label: torch.Tensor, gen: torch.Generator, strength: float = 0.03):
-    """Small rotation/scale/shear plus a smooth displacement field; labels nearest, outside -> -1."""
-    _, h, w = image.shape
+    """Small rotation/scale/shear plus a smooth displacement field; labels nearest, outside -> -1.
+
+    ``image [..., H, W]`` and ``label [..., H, W]``: a 3D crop's sections all take the same in-plane field.
+    """
+    h, w = image.shape[-2:]
     ang = (_rand(gen) - 0.5) * math.radians(20)
     scale = 1 + (_rand(gen) - 0.5) * 0.2
     shear = (_rand(gen) - 0.5) * 0.1
@@ -48,10 +62,12 @@ def warp(image: torch.Tensor, label: torch.Tensor, gen: torch.Generator, strengt
     grid = F.affine_grid(theta[None], [1, 1, h, w], align_corners=False)
     coarse = (torch.rand((1, 2, 4, 4), generator=gen) - 0.5) * 2 * strength
     grid = grid + F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
-    img = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="reflection", align_corners=False)[0]
-    shifted = (label + 1).to(torch.float32)[None, None]  # 0 outside == -1 after the shift back
-    lab = F.grid_sample(shifted, grid, mode="nearest", padding_mode="zeros", align_corners=False)[0, 0]
-    return img, lab.round().to(label.dtype) - 1
+    image_NHW = image.reshape(-1, h, w)  # channels (and sections) share the one field
+    img = F.grid_sample(image_NHW[None], grid, mode="bilinear", padding_mode="reflection", align_corners=False)[0]
+    shifted = (label + 1).to(torch.float32).reshape(-1, 1, h, w)  # 0 outside == -1 after the shift back
+    grid_N = grid.expand(shifted.shape[0], -1, -1, -1)
+    lab = F.grid_sample(shifted, grid_N, mode="nearest", padding_mode="zeros", align_corners=False)[:, 0]
+    return img.reshape(image.shape), lab.reshape(label.shape).round().to(label.dtype) - 1
 
 
 def intensity(image: torch.Tensor, spec: AugmentSpec, gen: torch.Generator) -> torch.Tensor:
@@ -81,19 +97,23 @@ def intensity(image: torch.Tensor, spec: AugmentSpec, gen: torch.Generator) -> t
 
 
 def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of a ``[C,H,W]`` tensor (radius 2 sigma, reflected borders)."""
+    """Separable in-plane Gaussian blur of a ``[C,H,W]`` (or ``[C,D,H,W]``: per section) tensor (radius 2 sigma,
+    reflected borders). Never across sections: each section is imaged, and defocused, on its own, and with a
+    coarse z a blur across sections would mix different tissue."""
     radius = max(1, int(2 * sigma + 0.5))
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
     k = (k / k.sum()).to(image.dtype)
-    c = image.shape[0]
-    out = F.pad(image[None], (radius, radius, radius, radius), mode="reflect")
+    image_NHW = image.reshape(-1, *image.shape[-2:])
+    c = image_NHW.shape[0]
+    out = F.pad(image_NHW[None], (radius, radius, radius, radius), mode="reflect")
     out = F.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
     out = F.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-    return out[0]
+    return out[0].reshape(image.shape)
 
 
 def augment(image: torch.Tensor, label: torch.Tensor, spec: AugmentSpec, gen: torch.Generator):
-    """Full training augmentation of one ``[C,H,W]`` float image and ``[H,W]`` int64 label."""
+    """Full training augmentation of one ``[C,H,W]`` float image and ``[H,W]`` int64 label (3D: ``[C,D,H,W]``
+    and ``[D,H,W]``)."""
     image, label = geometric(image, label, spec, gen)
     return intensity(image, spec, gen), label

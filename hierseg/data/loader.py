@@ -1,4 +1,8 @@
-"""Streaming loaders: WebDataset tar shards -> ``(image [B,C,H,W] float32, label [B,H,W] int64)`` batches.
+"""Streaming loaders: WebDataset tar shards -> ``(image [B,C,*S] float32, label [B,*S] int64)`` batches.
+
+``S`` is ``(H, W)`` for 2D shards (whole slices or tiles) and ``(D, H, W)`` for 3D shards (blocks of a
+stack, ``make-shards --stack --dims 3``): one stream, one crop function and one seed scheme serve both,
+so every guarantee below holds per voxel in 3D exactly as per pixel in 2D.
 
 Training (:func:`build_train_loader`) never ends: each rank's stream is cut into ``L = max(1, num_workers)``
 *logical workers*; logical worker ``l`` of rank ``r`` is consumer ``c = r * L + l`` of ``C = world * L``.
@@ -38,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from hierseg.data.normalize import normalize
+from hierseg.data.normalize import normalize, normalize_block
 from hierseg.spec import DataSpec
 
 MANIFEST = "manifest.json"
@@ -97,8 +101,7 @@ def check_format(manifest: dict | None, folder: Path | str) -> None:
     if command.startswith("hierseg synthetic"):
         fix = f"delete {folder} (synthetic demo shards) and rerun: they are generated again"
     else:
-        argv = shlex.split(command)
-        keep = [a for i, a in enumerate(argv) if not _is_old_flag(argv, i)]
+        keep = _without_flags(shlex.split(command), ("--patch-size", "--stride"))
         fix = f"rebuild them with: {shlex.join(keep)} --overwrite" if keep else "rebuild them with hierseg make-shards"
     raise ValueError(
         f"{folder}/{MANIFEST} is {manifest.get('format', 'an unversioned format')}, a fixed grid of patches from an "
@@ -107,10 +110,55 @@ def check_format(manifest: dict | None, folder: Path | str) -> None:
     )
 
 
-def _is_old_flag(argv: list[str], i: int) -> bool:
-    """``--patch-size N`` / ``--stride N`` (either form) of an old make-shards command."""
-    old = ("--patch-size", "--stride")
-    return argv[i] in old or argv[i].startswith(tuple(f"{o}=" for o in old)) or (i > 0 and argv[i - 1] in old)
+def _without_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """A make-shards command without these value flags (``--flag V`` and ``--flag=V`` alike)."""
+
+    def is_flag(i: int) -> bool:
+        return argv[i] in flags or argv[i].startswith(tuple(f"{o}=" for o in flags)) or (i > 0 and argv[i - 1] in flags)
+
+    return [a for i, a in enumerate(argv) if not is_flag(i)]
+
+
+_3D_FLAGS = ("--dims", "--voxel-size", "--block-depth")
+
+
+def check_shard_dims(manifest: dict | None, folder: str, dims: int, patch_size: int | list[int] | None = None) -> None:
+    """``model.dims`` must be the shards' (2D slices/tiles or 3D blocks), and a 3D ``patch_size`` must fit the
+    largest stored block; the error gives the make-shards command that fixes it. No manifest: nothing to check.
+    """
+    if manifest is None:
+        return
+    stored = int(manifest.get("dims", 2))  # 2D manifests predate the field and never write it
+    if stored != dims:
+        kind = "3D blocks" if stored == 3 else "2D slices/tiles"
+        raise ValueError(f"{folder} holds {kind} but model.dims is {dims}; {_dims_fix(manifest, dims)}")
+    if dims == 3 and isinstance(patch_size, list):
+        block = [int(v) for v in manifest.get("patch_shape", [])]
+        if len(block) == 3 and any(p > b for p, b in zip(patch_size, block)):
+            raise ValueError(
+                f"data.patch_size {patch_size} is larger than the largest 3D block of {folder}, {block} [z, y, x] "
+                "(the split's z slab of the stack, or --block-depth, then --tile-size): use a patch of at most "
+                f"{block} with sides the network's pooling divides, or rebuild the shards with a deeper slab "
+                "(--slabs), a larger --block-depth or --tile-size"
+            )
+
+
+def _dims_fix(manifest: dict, dims: int) -> str:
+    """How to get shards (or a spec) of the other dimension, from the command that built these."""
+    argv = shlex.split(str(manifest.get("command", "")))
+    if argv[:2] != ["hierseg", "make-shards"]:
+        argv = []  # synthetic demo shards (2D only) or hand-made ones: no command to edit
+    if dims == 2:
+        keep = _without_flags(argv, _3D_FLAGS)
+        rebuild = f"rebuild 2D shards with: {shlex.join(keep)} --overwrite" if keep else "rebuild them without --dims 3"
+        return f"set model.dims: 3 with a 3D data.patch_size [z, y, x] to train on them, or {rebuild}"
+    if "--stack" not in argv:
+        return (
+            "3D training needs 3D blocks of a stack: build them with hierseg make-shards --images STACK --labels "
+            "LABELS --stack --dims 3 --voxel-size Z,Y,X --out DIR (or train with model.dims: 2)"
+        )
+    keep = _without_flags(argv, (*_3D_FLAGS, "--context"))
+    return f"rebuild them as 3D blocks with: {shlex.join(keep)} --dims 3 --voxel-size Z,Y,X --overwrite"
 
 
 def read_manifest(url: str) -> dict | None:
@@ -160,10 +208,12 @@ def iter_raw_samples(url: str) -> Iterator[dict[str, Any]]:
 def decode_sample(
     raw: dict[str, Any], norm: dict[str, Any], num_labels: int, remap: np.ndarray | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised ``float32 [C,h,w]`` image and ``int64 [h,w]`` label of a stored slice or tile.
+    """Normalised ``float32 [C,h,w]`` image and ``int64 [h,w]`` label of a stored slice or tile (a 3D block:
+    ``[C,d,h,w]`` and ``[d,h,w]``).
 
     ``norm`` is the run's resolved normalisation (:func:`hierseg.data.normalize.normalize`), applied
-    with the whole slice's statistics stored beside the tile; labels must lie in ``-1 .. num_labels - 1``
+    with the whole slice's statistics stored beside the tile (a block: each slice with its own,
+    :func:`hierseg.data.normalize.normalize_block`); labels must lie in ``-1 .. num_labels - 1``
     (fine classes, then label-set ids), which is checked here so that a bad value names its sample
     instead of failing deep inside the loss (a device-side assert on GPU). ``remap`` (a source of a
     multi-source run, :mod:`hierseg.data.sources`) then turns the source's set ids into the merged
@@ -176,7 +226,7 @@ def decode_sample(
     label = np.load(io.BytesIO(raw["label.npy"]), allow_pickle=False)
     if image.ndim == 2:
         image = image[None]
-    if image.ndim != 3 or label.ndim != 2 or image.shape[1:] != label.shape:
+    if label.ndim not in (2, 3) or image.ndim != label.ndim + 1 or image.shape[1:] != label.shape:
         raise ValueError(f"image shape {image.shape} does not fit label shape {label.shape}")
     if label.dtype.kind not in "iu":
         raise ValueError(f"label must be integers, got dtype {label.dtype}")
@@ -186,7 +236,8 @@ def decode_sample(
             f"label value {bad} is outside -1..{num_labels - 1} (fine classes 0..11, then the manifest's label sets)"
         )
     meta = json.loads(raw["json"]) if "json" in raw else {}
-    x = normalize(image, norm, meta.get("stats"))
+    stats = meta.get("stats")  # a 2D slice's statistics, or a 3D block's list of them (one per slice)
+    x = normalize(image, norm, stats) if label.ndim == 2 else normalize_block(image, norm, stats)
     label = label.astype(np.int64) if remap is None else remap[label.astype(np.int64) + 1]
     return torch.from_numpy(x), torch.from_numpy(label)
 
@@ -264,45 +315,50 @@ _CROP_TRIES = 4
 
 
 def random_crop(
-    image_CHW: torch.Tensor,
-    label_HW: torch.Tensor,
-    size: int,
+    image_CS: torch.Tensor,
+    label_S: torch.Tensor,
+    size: int | list[int],
     gen: torch.Generator,
     class_weights: torch.Tensor | None = None,
 ) -> Batch:
-    """A ``size x size`` crop at a position drawn from ``gen`` (so resume replays it exactly).
+    """A crop of ``size`` (an int: ``size x size`` of a 2D slice; ``[z, y, x]``: of a 3D block) at a position
+    drawn from ``gen``, one draw per axis in axis order (so resume replays it exactly).
 
-    Uniform positions, or with ``class_weights`` centred on a pixel of a class drawn by weight among
-    the classes present (single-class valid pixels only; uniform when none is present). A slice
+    Uniform positions, or with ``class_weights`` centred on a voxel of a class drawn by weight among
+    the classes present (single-class valid voxels only; uniform when none is present). A sample
     smaller than ``size`` is padded: image with 0 (the z-scored mean), label with uncertain.
     """
-    _, h, w = image_CHW.shape
-    if h < size or w < size:
-        pad = (0, max(0, size - w), 0, max(0, size - h))
-        image_CHW = F.pad(image_CHW, pad)
-        label_HW = F.pad(label_HW, pad, value=-1)
-        h, w = label_HW.shape
-    centre = _weighted_pixel(label_HW, class_weights, gen) if class_weights is not None else None
+    size_S = (size, size) if isinstance(size, int) else tuple(size)
+    if len(size_S) != label_S.dim():
+        raise ValueError(
+            f"a {len(size_S)}D patch {list(size_S)} (data.patch_size) cannot be cut from a {label_S.dim()}D sample of "
+            f"shape {list(label_S.shape)}: model.dims must match the shards (3D needs make-shards --stack --dims 3)"
+        )
+    short_S = [max(0, s - n) for s, n in zip(size_S, label_S.shape)]
+    if any(short_S):
+        pad = [v for p in reversed(short_S) for v in (0, p)]  # F.pad: (before, after) from the last axis
+        image_CS = F.pad(image_CS, pad)
+        label_S = F.pad(label_S, pad, value=-1)
+    centre = _weighted_voxel(label_S, class_weights, gen) if class_weights is not None else None
     if centre is None:
-        y0 = int(torch.randint(0, h - size + 1, (), generator=gen))
-        x0 = int(torch.randint(0, w - size + 1, (), generator=gen))
+        start = [int(torch.randint(0, n - s + 1, (), generator=gen)) for n, s in zip(label_S.shape, size_S)]
     else:
-        y0 = min(max(centre[0] - size // 2, 0), h - size)
-        x0 = min(max(centre[1] - size // 2, 0), w - size)
-    return image_CHW[:, y0 : y0 + size, x0 : x0 + size], label_HW[y0 : y0 + size, x0 : x0 + size]
+        start = [min(max(c - s // 2, 0), n - s) for c, s, n in zip(centre, size_S, label_S.shape)]
+    box = tuple(slice(a, a + s) for a, s in zip(start, size_S))
+    return image_CS[(slice(None), *box)], label_S[box]
 
 
-def _weighted_pixel(label_HW: torch.Tensor, weights: torch.Tensor, gen: torch.Generator) -> tuple[int, int] | None:
-    """A random pixel of a class drawn with probability ~ weight among the classes present; None if none is."""
-    fine = label_HW[(label_HW >= 0) & (label_HW < weights.numel())]
+def _weighted_voxel(label_S: torch.Tensor, weights: torch.Tensor, gen: torch.Generator) -> tuple[int, ...] | None:
+    """A random voxel of a class drawn with probability ~ weight among the classes present; None if none is."""
+    fine = label_S[(label_S >= 0) & (label_S < weights.numel())]
     present = torch.bincount(fine, minlength=weights.numel()) > 0
     p = weights * present
     if float(p.sum()) <= 0:
         return None
     c = int(torch.multinomial(p, 1, generator=gen))
-    idx = torch.nonzero(label_HW.reshape(-1) == c).squeeze(1)
+    idx = torch.nonzero(label_S.reshape(-1) == c).squeeze(1)
     flat = int(idx[int(torch.randint(0, idx.numel(), (), generator=gen))])
-    return flat // label_HW.shape[1], flat % label_HW.shape[1]
+    return tuple(int(i) for i in np.unravel_index(flat, tuple(label_S.shape)))
 
 
 class _TrainSource(IterableDataset):

@@ -71,6 +71,22 @@ def normalize(image: np.ndarray, norm: Mapping[str, Any], stats: Mapping[str, fl
     raise ValueError(f"unknown normalisation {dict(norm)!r}; expected mode zscore, affine or dtype_max")
 
 
+def normalize_block(
+    image_CDHW: np.ndarray, norm: Mapping[str, Any], stats_per_slice: list[Mapping[str, float]] | None = None
+) -> np.ndarray:
+    """A 3D block ``[C, D, H, W]`` -> float32, each z slice through :func:`normalize` with its own statistics.
+
+    Why per slice: serial sections differ in brightness and contrast section by section, so a 3D block
+    is normalised exactly as its slices are in 2D training and prediction (``stats_per_slice[z]`` are the
+    :func:`image_stats` of the whole slice ``z`` of the block, not of the tile).
+    """
+    depth = image_CDHW.shape[1]
+    stats = stats_per_slice if stats_per_slice is not None else [None] * depth
+    if len(stats) != depth:
+        raise ValueError(f"a block of {depth} slices carries statistics of {len(stats)} slices; rebuild the shards")
+    return np.stack([normalize(image_CDHW[:, z], norm, s) for z, s in enumerate(stats)], axis=1)
+
+
 def resolve(spec: Any, intensity: Mapping[str, Any] | None) -> dict[str, Any]:
     """The concrete normalisation of a run from ``data.normalization`` and the training manifest's intensity record.
 

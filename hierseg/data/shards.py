@@ -1,4 +1,4 @@
-"""Shard builder: images/volumes + labels -> WebDataset tar shards of whole slices, one folder per split.
+"""Shard builder: images/volumes + labels -> WebDataset tar shards of whole slices (or 3D blocks), one folder per split.
 
 ``hierseg make-shards`` (or ``python jobs/make_shards.py``) reads the inputs once, maps label values
 through a :class:`~hierseg.data.labelmap.LabelMap`, splits by group (a regex over file names, or z
@@ -13,6 +13,11 @@ Design choices and why:
   ``data.patch_size`` for every training sample and normalises it with :mod:`hierseg.data.normalize`,
   and validation covers every pixel exactly once. A fixed grid of patches made a model's quality
   depend on where that grid fell.
+- ``--stack --dims 3`` stores 3D blocks instead: each split's z slab (cut into blocks of at most
+  ``--block-depth`` slices) by the same non-overlapping ``--tile-size`` grid in y and x, image
+  ``[1, D, h, w]`` with the whole-slice statistics of each of its D slices, label ``[D, h, w]``, and the
+  voxel size (``--voxel-size``) in the manifest (``dims: 3``, ``voxel_size``). The loader draws random
+  3D crops from them and validation tiles them whole. 2D builds write exactly the bytes they always did.
 - Labels are stored as int16 ``.npy`` (never PNG): -1 survives, and no decoder can turn them into RGB floats.
 - Each shard is written to a hidden temporary name and renamed when complete; the manifest is written
   last. An interrupted run therefore never leaves a half shard that looks whole.
@@ -61,7 +66,8 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 
 
 def encode_sample(key: str, image: np.ndarray, label: np.ndarray, meta: dict[str, Any]) -> list[tuple[str, bytes]]:
-    """Tar members of one sample: raw image ``[C,H,W]`` (uint8/uint16/int16/float32), int16 label, meta JSON."""
+    """Tar members of one sample: raw image ``[C,H,W]`` (3D: ``[C,D,H,W]``; uint8/uint16/int16/float32), int16
+    label ``[H,W]`` (3D: ``[D,H,W]``), meta JSON."""
     meta_bytes = json.dumps(meta, sort_keys=True).encode()
     return [
         (f"{key}.image.npy", _npy_bytes(image)),
@@ -332,6 +338,11 @@ def tile_bounds(n: int, tile: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(edges))
 
 
+def yx_boxes(h: int, w: int, tile: int) -> list[tuple[int, int, int, int]]:
+    """``(y0, y1, x0, x1)`` of the non-overlapping grid of tiles of an ``h x w`` slice, row by row."""
+    return [(y0, y1, x0, x1) for y0, y1 in tile_bounds(h, tile) for x0, x1 in tile_bounds(w, tile)]
+
+
 def iter_tiles(
     image: np.ndarray, label: np.ndarray, z: int, tile: int, context: int
 ) -> Iterable[tuple[np.ndarray, np.ndarray, int, int]]:
@@ -339,9 +350,8 @@ def iter_tiles(
     depth, h, w = image.shape
     zs = np.clip(np.arange(z - context, z + context + 1), 0, depth - 1)
     stack = image[zs]
-    for y0, y1 in tile_bounds(h, tile):
-        for x0, x1 in tile_bounds(w, tile):
-            yield stack[:, y0:y1, x0:x1], label[z, y0:y1, x0:x1], y0, x0
+    for y0, y1, x0, x1 in yx_boxes(h, w, tile):
+        yield stack[:, y0:y1, x0:x1], label[z, y0:y1, x0:x1], y0, x0
 
 
 def add_slice(sink: ShardSink, name: str, index: int, stack: np.ndarray, label: np.ndarray, z: int,
@@ -361,6 +371,25 @@ def add_slice(sink: ShardSink, name: str, index: int, stack: np.ndarray, label: 
     return index, dropped
 
 
+def add_block(sink: ShardSink, name: str, index: int, stack: np.ndarray, label: np.ndarray, zs: tuple[int, int],
+              cfg: BuildConfig) -> tuple[int, int]:  # fmt: skip
+    """Write the 3D blocks of slices ``zs = [z0, z1)`` (one per tile of the y/x grid), each with the whole-slice
+    statistics of its slices; returns (next index, blocks dropped)."""
+    z0, z1 = zs
+    stats = [image_stats(stack[z]) for z in range(z0, z1)]  # per slice, over the whole slice, as in 2D
+    h, w = stack.shape[1:]
+    dropped = 0
+    for y0, y1, x0, x1 in yx_boxes(h, w, cfg.tile_size):
+        lab = label[z0:z1, y0:y1, x0:x1]
+        if (lab >= 0).mean() < cfg.min_valid or not (lab >= 0).any():
+            dropped += 1
+            continue
+        meta = {"source": name, "z": z0, "y": y0, "x": x0, "slice_shape": [h, w], "stats": stats}
+        sink.add(f"{name}_{index:06d}", stack[None, z0:z1, y0:y1, x0:x1], lab, meta)
+        index += 1
+    return index, dropped
+
+
 # --------------------------------------------------------------------------------------------- builder
 @dataclass
 class BuildConfig:
@@ -372,6 +401,17 @@ class BuildConfig:
     min_valid: float = 0.01
     shard_mb: float = 64.0
     samples_per_shard: int | None = None
+    dims: int = 2
+    """2: slices or tiles; 3: blocks of a stack's z slabs (``--dims 3``)."""
+    voxel_size: list[float] | None = None
+    """3D: ``[z, y, x]`` in nm along the stored axes (recorded in the manifest; it plans the 3D network)."""
+    block_depth: int | None = None
+    """3D: slabs deeper than this are cut into near-equal blocks of at most this many slices (None: whole slab)."""
+
+    def record(self) -> dict[str, Any]:
+        """The manifest's ``build`` record; a 2D build leaves out the 3D fields, so its bytes never change."""
+        skip = () if self.dims == 3 else ("dims", "voxel_size", "block_depth")
+        return {k: v for k, v in self.__dict__.items() if k not in skip}
 
 
 @dataclass
@@ -383,6 +423,12 @@ class _Split:
     dropped: int = 0
     used: list[dict[str, Any]] = field(default_factory=list)
     max_shape: list[int] = field(default_factory=lambda: [0, 0])
+    min_shape: list[int] | None = None
+    """3D: the smallest stored block, per axis (the loader pads crops of smaller blocks)."""
+
+    def saw_shape(self, shape: list[int]) -> None:
+        self.max_shape = [max(a, b) for a, b in zip(self.max_shape, shape)]
+        self.min_shape = shape if self.min_shape is None else [min(a, b) for a, b in zip(self.min_shape, shape)]
 
 
 def build_shards(
@@ -393,7 +439,8 @@ def build_shards(
     cfg: BuildConfig,
     provenance: dict[str, Any],
 ) -> dict[str, dict[str, Any]]:
-    """Store every (source, slice) whole (or as tiles of at most ``tile_size``) in its split's shards.
+    """Store every (source, slice) whole (or as tiles of at most ``tile_size``) in its split's shards; with
+    ``cfg.dims == 3``, every block of each split's z slab (:func:`add_block`).
 
     ``assign(source, z) -> split name | None`` decides the split of each slice (None: in a gap).
     Returns the manifests by split.
@@ -408,26 +455,39 @@ def build_shards(
             unmapped_total[v] = unmapped_total.get(v, 0) + n
         image = storage_array(image)
         index = 0
-        for z in range(image.shape[0]):
-            split = assign(src, z)
-            if split is None:
-                continue
+        for split, (z0, z1) in _z_runs(src, image.shape[0], assign, cfg):
             if split not in splits:
                 sink = ShardSink(
                     out / split, int(cfg.shard_mb * (1 << 20)), cfg.samples_per_shard, num_sets=len(label_map.sets)
                 )
-                splits[split] = _Split(sink)
+                splits[split] = _Split(sink, max_shape=[0] * cfg.dims)
             rec = splits[split]
             if not rec.used or rec.used[-1]["name"] != src.name:
                 rec.used.append(_source_record(src, image.shape))
-            rec.intensity.add(image[z])
-            index, dropped = add_slice(rec.sink, src.name, index, image, label, z, cfg)
+            for z in range(z0, z1):
+                rec.intensity.add(image[z])
+            if cfg.dims == 3:
+                index, dropped = add_block(rec.sink, src.name, index, image, label, (z0, z1), cfg)
+            else:
+                index, dropped = add_slice(rec.sink, src.name, index, image, label, z0, cfg)
             rec.dropped += dropped
-            tile_shape = [max(b - a for a, b in tile_bounds(n, cfg.tile_size)) for n in image.shape[1:]]
-            rec.max_shape = [max(a, b) for a, b in zip(rec.max_shape, tile_shape)]
+            for y0, y1, x0, x1 in yx_boxes(*image.shape[1:], cfg.tile_size):
+                rec.saw_shape([z1 - z0, y1 - y0, x1 - x0][-cfg.dims :])
     if unmapped_total:
         print(f"warning: unmapped label values turned uncertain (pixels): {unmapped_total}", file=sys.stderr)
     return _finish(splits, label_map, cfg, provenance, unmapped_total)
+
+
+def _z_runs(src: Source, depth: int, assign: Any, cfg: BuildConfig) -> Iterable[tuple[str, tuple[int, int]]]:
+    """``(split, (z0, z1))`` in z order: each slice on its own (2D), or (3D) the blocks of every run of
+    consecutive slices of one split, runs deeper than ``cfg.block_depth`` cut into near-equal blocks."""
+    z = 0
+    for split, run in itertools.groupby(range(depth), key=lambda k: assign(src, k)):
+        n = len(list(run))
+        if split is not None:
+            parts = tile_bounds(n, cfg.block_depth or n) if cfg.dims == 3 else [(i, i + 1) for i in range(n)]
+            yield from ((split, (z + a, z + b)) for a, b in parts)
+        z += n
 
 
 def _source_record(src: Source, shape: tuple[int, ...]) -> dict[str, Any]:
@@ -453,18 +513,26 @@ def _finish(splits: dict[str, _Split], label_map, cfg, provenance, unmapped) -> 
         manifests[split] = rec.sink.manifest(
             rec.max_shape,
             2 * cfg.context + 1,
+            **_dims_record(rec, cfg),
             split=split,
             num_dropped_tiles=rec.dropped,
             label_map=label_map.to_manifest(),
             label_sets=label_map.sets.to_config(),
             unmapped_pixels={str(k): v for k, v in sorted(unmapped.items())},
             intensity=rec.intensity.record(),
-            build=dict(cfg.__dict__),
+            build=cfg.record(),
             sources=rec.used,
             **provenance,
         )
         write_json_atomic(rec.sink.out_dir / MANIFEST, manifests[split])
     return manifests
+
+
+def _dims_record(rec: _Split, cfg: BuildConfig) -> dict[str, Any]:
+    """3D manifests say so (``dims``, ``voxel_size`` in nm, smallest block); 2D manifests stay as they were."""
+    if cfg.dims != 3:
+        return {}
+    return {"dims": 3, "voxel_size": list(cfg.voxel_size or []), "min_block_shape": rec.min_shape}
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -495,7 +563,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-mb", type=float, default=64.0, help="target shard size in MiB")
     p.add_argument("--samples-per-shard", type=int_at_least(1), help="cap on samples per shard")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    three = p.add_argument_group("3D (with --stack): blocks of each split's z slab for model.dims 3")
+    three.add_argument("--dims", type=int, default=2, choices=[2, 3],
+                       help="2: slices or tiles (default); 3: 3D blocks (z slab x tile x tile)")  # fmt: skip
+    three.add_argument("--voxel-size", type=_voxel_size, metavar="Z,Y,X",
+                       help="voxel size in nm along the stored axes (needed with --dims 3)")  # fmt: skip
+    three.add_argument("--block-depth", type=_positive, metavar="N",
+                       help="cut deeper slabs into blocks of at most N slices (default: whole slab)")  # fmt: skip
     return p
+
+
+def _voxel_size(text: str) -> list[float]:
+    try:
+        sizes = [float(v) for v in text.split(",")]
+    except ValueError:
+        sizes = []
+    if len(sizes) != 3 or min(sizes) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give three positive sizes Z,Y,X in nm, e.g. 50,4.6,4.6")
+    return sizes
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -510,6 +595,22 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--min-valid {args.min_valid} must be a fraction in [0, 1]")
     if args.context < 0 or (args.gap is not None and args.gap < 0):
         raise ValueError("--context and --gap must be >= 0")
+    if args.dims == 2 and (args.voxel_size is not None or args.block_depth is not None):
+        raise ValueError("--voxel-size and --block-depth describe 3D blocks; add --dims 3 (with --stack) or drop them")
+    if args.dims == 3:
+        _check_3d_args(args)
+
+
+def _check_3d_args(args: argparse.Namespace) -> None:
+    if not args.stack:
+        raise ValueError("--dims 3 stores blocks of a stack: add --stack (and give one volume to --images/--labels)")
+    if args.context:
+        raise ValueError(f"--context {args.context} is 2.5D; a 3D block holds its z neighbours already: drop --context")
+    if args.voxel_size is None:
+        raise ValueError(
+            "--dims 3 needs --voxel-size Z,Y,X (nm, along the stored axes; e.g. 50,4.6,4.6 for serial-section TEM): "
+            "it plans the 3D network's pooling, and hierseg does not read it from the input's metadata"
+        )
 
 
 def _plan(args: argparse.Namespace) -> tuple[list[Source], Any, dict[str, Any]]:
@@ -560,8 +661,9 @@ def main(argv: list[str] | None = None) -> int:
         sources, assign, split_record = _plan(args)
         check_out_dir(args.out, args.overwrite)
         cfg = BuildConfig(
-            args.tile_size, args.axis, args.context, args.min_valid, args.shard_mb, args.samples_per_shard
-        )
+            args.tile_size, args.axis, args.context, args.min_valid, args.shard_mb, args.samples_per_shard,
+            args.dims, args.voxel_size, args.block_depth,
+        )  # fmt: skip
         # --overwrite does not change the output, so a forced rerun stays byte-identical
         command = "hierseg make-shards " + shlex.join(a for a in argv if a != "--overwrite")
         provenance = {"split_config": split_record, "command": command}
@@ -574,9 +676,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"hierseg make-shards: error: {e}", file=sys.stderr)
         return 2
+    what = "3D blocks" if args.dims == 3 else "slices/tiles"
     for split, m in manifests.items():
         print(
-            f"{split}: {m['num_samples']} slices/tiles in {len(m['shards'])} shard(s), "
+            f"{split}: {m['num_samples']} {what} in {len(m['shards'])} shard(s), "
             f"{m['num_dropped_tiles']} dropped (valid fraction < {args.min_valid}) -> {args.out / split}"
         )
     return 0

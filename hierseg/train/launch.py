@@ -23,7 +23,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from hierseg.data.loader import check_shard_indexes, resolve_shards
+from hierseg.data.loader import check_shard_dims, check_shard_indexes, read_manifest, resolve_shards
 from hierseg.data.synth import ensure_synthetic
 from hierseg.fsutil import probe_writable
 from hierseg.spec import JobSpec
@@ -31,7 +31,7 @@ from hierseg.tracking import check_tracking_uri, end_run, run_is_open, set_offli
 from hierseg.train.checkpoint import atomic_write_text, follow_umask
 from hierseg.train.checkpointer import OFFLINE_RECORD, check_resumable, run_dir
 from hierseg.train.context import close_context, init_context
-from hierseg.train.loop import check_dims_supported, train_worker
+from hierseg.train.loop import train_worker
 
 
 class PreflightError(ValueError):
@@ -69,13 +69,16 @@ def absolutize(spec: JobSpec) -> JobSpec:
 
 
 def preflight_data_only(spec: JobSpec) -> None:
-    """Make the synthetic shards when asked, and check that both shard sets resolve."""
+    """Make the synthetic shards when asked, and check that both shard sets resolve and have ``model.dims``
+    (a 3D ``data.patch_size`` must also fit the training blocks)."""
     ensure_synthetic(spec.data)
     for field in ("train", "val"):
         for source in spec.data.sources(field):
             where = f"data.{field}" + (f" source {source.name!r}" if spec.data.multi_source else "")
             try:
                 check_shard_indexes(source.shards, resolve_shards(source.shards))
+                patch = spec.data.patch_size if field == "train" else None  # validation tiles whole blocks
+                check_shard_dims(read_manifest(source.shards), source.shards, spec.model.dims, patch)
             except ValueError as e:
                 raise PreflightError(f"{where}: {e}") from None
     if spec.data.multi_source:
@@ -87,21 +90,55 @@ def preflight_data_only(spec: JobSpec) -> None:
             raise PreflightError(str(e)) from None
 
 
-def preflight(spec: JobSpec) -> None:
-    """Everything checkable before any work: what this version cannot train yet, the run folder (it takes
-    the lock), then data and tracking."""
-    try:
-        check_dims_supported(spec)
-    except NotImplementedError as e:
-        raise PreflightError(str(e)) from None
+def preflight(spec: JobSpec) -> JobSpec:
+    """Everything checkable before any work: the run folder first (it takes the lock), then data and tracking.
+
+    Returns the spec every rank trains with: a 3D model's voxel size resolved (:func:`resolve_voxel_size`).
+    """
     check_storage(spec)
     lock_run_dir(spec)
     try:
         preflight_data_only(spec)
+        spec = resolve_voxel_size(spec)
         check_resumable(spec)
         check_tracking_uri(spec.tracking.uri)
     except (ValueError, ConnectionError, OSError) as e:
         raise PreflightError(str(e)) from None
+    return spec
+
+
+def resolve_voxel_size(spec: JobSpec) -> JobSpec:
+    """A 3D model's ``model.voxel_size``: the spec's, else the training manifests', else isotropic (``null``;
+    :func:`hierseg.model.build_model` warns); ``data.patch_size`` is then checked against the plan it gives.
+
+    Resolved once, here, and written into the spec the workers get: every rank builds the same network and
+    every checkpoint saves the value, so ``hierseg predict`` and the logged model rebuild that network even
+    after the shards are gone.
+    """
+    if spec.model.dims != 3:
+        return spec
+    from hierseg.model import check_patch_size, plan_unet
+
+    voxel, origin = spec.model.voxel_size, f"model.voxel_size {spec.model.voxel_size} nm"
+    if voxel is None:
+        found = {s.name: (read_manifest(s.shards) or {}).get("voxel_size") for s in spec.data.sources("train")}
+        sizes = sorted({tuple(v) for v in found.values() if v})
+        if len(sizes) > 1:
+            raise ValueError(
+                f"data.train sources record different voxel sizes ({found}); set model.voxel_size [z, y, x] (nm) "
+                "to the one the network should be planned for"
+            )
+        voxel = [float(v) for v in sizes[0]] if sizes else None
+        origin = (
+            f"the training manifest's voxel size {voxel} nm"
+            if sizes
+            else "isotropic voxels: neither model.voxel_size nor the training manifest gives a voxel size"
+        )
+    try:
+        check_patch_size(plan_unet(spec.model.depth, 3, voxel), spec.data.patch_size)
+    except ValueError as e:
+        raise ValueError(f"{e} (the network is planned for {origin})") from None
+    return spec.model_copy(update={"model": spec.model.model_copy(update={"voxel_size": voxel})})
 
 
 def check_storage(spec: JobSpec) -> None:
@@ -182,7 +219,7 @@ def run_in_process(spec: JobSpec, launcher: str) -> dict[str, Any]:
     """torchrun (one call per process) or local (one process): rank 0 owns the MLflow run."""
     ctx = init_context(spec, launcher)
     try:
-        run_id = _owner_prepares(spec, ctx.is_main, ctx.distributed, launcher)
+        run_id, spec = _owner_prepares(spec, ctx.is_main, ctx.distributed, launcher)
         outcome = None
         try:
             outcome = train_worker(_config(spec, launcher, run_id), ctx)
@@ -194,20 +231,21 @@ def run_in_process(spec: JobSpec, launcher: str) -> dict[str, Any]:
         close_context(ctx)
 
 
-def _owner_prepares(spec: JobSpec, is_main: bool, distributed: bool, launcher: str) -> str:
-    """Rank 0 runs the preflight and opens the run; the others learn the outcome (symmetrically)."""
-    message: list[Any] = [None, None]
+def _owner_prepares(spec: JobSpec, is_main: bool, distributed: bool, launcher: str) -> tuple[str, JobSpec]:
+    """Rank 0 runs the preflight and opens the run; the others learn the outcome and the resolved spec
+    (symmetrically)."""
+    message: list[Any] = [None, None, None]
     if is_main:
         try:
-            preflight(spec)
-            message = [resolve_run(spec, launcher), None]
+            spec = preflight(spec)
+            message = [resolve_run(spec, launcher), None, spec.model_dump(mode="json")]
         except PreflightError as e:
-            message = [None, str(e)]
+            message = [None, str(e), None]
     if distributed:
         dist.broadcast_object_list(message, src=0)
     if message[1] is not None:
         raise PreflightError(message[1])
-    return message[0]
+    return message[0], JobSpec.model_validate(message[2])
 
 
 def _ray_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -365,7 +403,7 @@ def run_ray(spec: JobSpec) -> dict[str, Any]:
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    preflight(spec)
+    spec = preflight(spec)
     address = ray_address()
     if address:  # before the MLflow run exists: a failed start leaves nothing behind
         check_ray_address(address)

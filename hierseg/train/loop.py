@@ -11,6 +11,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,23 +86,13 @@ def per_rank_batch(spec: JobSpec, ctx: DistContext) -> int:
     return batch // world
 
 
-def check_dims_supported(spec: JobSpec) -> None:
-    """One clear line for a 3D spec: the network, loss and metrics take 3D, but shards, loader and
-    evaluation are still 2D, which would otherwise fail deep inside the first batch."""
-    if spec.model.dims == 3:
-        raise NotImplementedError(
-            "model.dims 3 is not yet supported: 3D shards (the 3D shard builder, crop loader and prediction "
-            "come in a later release); train with model.dims: 2"
-        )
-
-
 def _build_model(spec: JobSpec, ctx: DistContext, hierarchy: Hierarchy) -> tuple[UNet, torch.nn.Module]:
     torch.manual_seed(spec.run.seed)  # same initial weights on every rank
     model = build_model(spec.model, hierarchy).to(ctx.device)
     if ctx.distributed and ctx.device.type == "cuda" and spec.model.norm == "batch":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # statistics over the global batch
     if ctx.device.type == "cuda" and spec.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=memory_format(spec))
     train_model: torch.nn.Module = model
     if ctx.distributed:
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
@@ -111,8 +102,12 @@ def _build_model(spec: JobSpec, ctx: DistContext, hierarchy: Hierarchy) -> tuple
     return model, train_model
 
 
+def memory_format(spec: JobSpec) -> torch.memory_format:
+    """``model.channels_last``'s layout: channels_last for 4D (2D) tensors, channels_last_3d for 5D (3D) ones."""
+    return torch.channels_last_3d if spec.model.dims == 3 else torch.channels_last
+
+
 def build_job(spec: JobSpec, ctx: DistContext, run_id: str | None) -> Job:
-    check_dims_supported(spec)
     batch = per_rank_batch(spec, ctx)
     hierarchy = spec.hierarchy.build()
     model, train_model = _build_model(spec, ctx, hierarchy)
@@ -150,14 +145,14 @@ def build_job(spec: JobSpec, ctx: DistContext, run_id: str | None) -> Job:
 def train_step(job: Job, images: torch.Tensor, labels: torch.Tensor) -> LossTerms:
     """Forward, masked hierarchical loss with the global valid count, backward, clip, step."""
     device = job.ctx.device
-    images_BCHW = images.to(device, non_blocking=True)
-    y_BHW = labels.to(device, non_blocking=True)
+    images_BCS = images.to(device, non_blocking=True)  # S: (H, W), or (D, H, W) for a 3D model
+    y_BS = labels.to(device, non_blocking=True)
     if device.type == "cuda" and job.spec.model.channels_last:
-        images_BCHW = images_BCHW.contiguous(memory_format=torch.channels_last)
+        images_BCS = images_BCS.contiguous(memory_format=memory_format(job.spec))
     dtype = job.autocast_dtype
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        logits_fine, logits_coarse = job.train_model(images_BCHW)
-    terms = hierarchical_loss(logits_fine, logits_coarse, y_BHW, job.luts, job.spec.lambdas(), label_sets=job.set_table)
+        logits_fine, logits_coarse = job.train_model(images_BCS)
+    terms = hierarchical_loss(logits_fine, logits_coarse, y_BS, job.luts, job.spec.lambdas(), label_sets=job.set_table)
     # The logged terms are global (identical on every rank), so every rank stops together.
     if not bool(torch.isfinite(terms.loss_fine) and torch.isfinite(terms.loss_coarse).all()):
         raise FloatingPointError(
@@ -176,12 +171,14 @@ def train_step(job: Job, images: torch.Tensor, labels: torch.Tensor) -> LossTerm
 def eval_options(job: Job, label_map: Any = None) -> PredictOptions:
     """``hierseg predict``'s defaults for this model: windows of the patch size, 1/8 overlap, its decoding.
 
-    ``label_map``: decode for that source's labels (a multi-source run); default: the model's own.
+    ``label_map``: decode for that source's labels (a multi-source run); default: the model's own. A 3D
+    model scores its validation blocks in non-overlapping windows of the 3D patch size (``window``).
     """
-    tile = job.spec.data.patch_size
+    patch = job.spec.data.patch_size
+    tile, window = (patch, None) if isinstance(patch, int) else (patch[-1], tuple(patch))
     decode = "labels" if len(job.label_sets) and (label_map or job.label_map) else "fine"
     return PredictOptions(tile=tile, overlap=tile // 8, decode=decode, amp=job.autocast_dtype is not None,
-                          coarse_threshold=coarse_threshold_for(job.spec))  # fmt: skip
+                          coarse_threshold=coarse_threshold_for(job.spec), window=window)  # fmt: skip
 
 
 def sync_buffers(job: Job) -> None:
@@ -347,6 +344,24 @@ def run_loop(job: Job) -> bool:
     return True
 
 
+def log_best_model(job: Job) -> str | None:
+    """The best checkpoint as the run's MLflow model; a 3D model is not logged yet (warning, never a failure).
+
+    Why skipped: the logged pyfunc predicts through ``hierseg predict``'s 2D sliding window, and MLflow
+    runs it on an input example while logging; 3D prediction comes later. The checkpoint stays in ``best/``.
+    """
+    if job.spec.model.dims == 3:
+        if job.ctx.is_main:
+            unregistered = " nor registered (tracking.registered_model)" if job.spec.tracking.registered_model else ""
+            warnings.warn(
+                f"model.dims 3: the best checkpoint is not logged as an MLflow model{unregistered} (3D prediction is "
+                f"not yet supported); it is kept in {job.checkpoints.best_dir()}",
+                stacklevel=2,
+            )
+        return None
+    return job.tracker.log_model(job.checkpoints.best_dir(), job.spec)
+
+
 def train_worker(config: dict[str, Any], ctx: DistContext | None = None) -> dict[str, Any]:
     """Run on every rank: build, resume, train, evaluate, checkpoint; log the best model at the end.
 
@@ -364,7 +379,7 @@ def train_worker(config: dict[str, Any], ctx: DistContext | None = None) -> dict
         finished = run_loop(job)
         job.tracker.wait()
         log_model = finished and spec.tracking.log_model and job.best
-        model_uri = job.tracker.log_model(job.checkpoints.best_dir(), spec) if log_model else None
+        model_uri = log_best_model(job) if log_model else None
         job.progress.finish(job.best, model_uri)
         return {"finished": finished, "step": job.step, "best": job.best, "model_uri": model_uri}
     finally:
