@@ -568,7 +568,7 @@ def parser() -> argparse.ArgumentParser:
                        help="2: slices or tiles (default); 3: 3D blocks (z slab x tile x tile)")  # fmt: skip
     three.add_argument("--voxel-size", type=_voxel_size, metavar="Z,Y,X",
                        help="voxel size in nm along the stored axes (needed with --dims 3)")  # fmt: skip
-    three.add_argument("--block-depth", type=_positive, metavar="N",
+    three.add_argument("--block-depth", type=int_at_least(1), metavar="N",
                        help="cut deeper slabs into blocks of at most N slices (default: whole slab)")  # fmt: skip
     return p
 
