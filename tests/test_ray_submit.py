@@ -56,11 +56,11 @@ def _stop_cluster_of(temp_dir: str) -> None:
         out = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True).stdout.split()
         return [int(p) for p in out if int(p) != os.getpid()]
 
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig, wait_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 20)):  # a test cluster has nothing to save
         for pid in pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + wait_s
         while pids() and time.monotonic() < deadline:
             time.sleep(0.5)
     shutil.rmtree(temp_dir, ignore_errors=True)
@@ -81,7 +81,7 @@ def test_ray_job_submit_trains_on_the_cluster(ray_head, tmp_path):
         "model.base_channels=8",
         "model.depth=2",
         "run.max_steps=6",
-        "run.eval_every=3",
+        "run.eval_every=6",
         f"run.storage_path={tmp_path / 'runs'}",
         f"tracking.uri={spec['tracking']['uri']}",
         "tracking.experiment=tests",

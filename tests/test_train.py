@@ -19,7 +19,15 @@ import torch
 from hierseg.data.synth import ensure_synthetic
 from hierseg.spec import validate_spec
 from hierseg.train.checkpoint import load_state
-from tests.train_utils import TRAIN, mlflow_runs, ray_env, tiny_spec, train_cli, write_spec
+from tests.train_utils import (
+    TRAIN,
+    descendant_pids,
+    mlflow_runs,
+    ray_env,
+    tiny_spec,
+    train_cli,
+    write_spec,
+)
 
 
 @pytest.fixture(scope="module")
@@ -130,15 +138,17 @@ def test_bad_spec_exits_2_with_field_path(tmp_path):
 def test_ray_two_workers_and_sigkill_recovery(shards, tmp_path):
     """Ray Train, 2 CPU workers: a worker killed with SIGKILL mid-run is restarted from the latest
     checkpoint; the run reaches max_steps with a single MLflow run, without Ray Train's per-report
-    chatter; a worker's error reaches the console as hierseg's one line."""
+    chatter. (A worker's error as one line: Ray 2.60's exception chain in test_reliability, end to end in
+    bench/probe.py, which starts a Ray run per case.)"""
     spec = tiny_spec(
         shards,
         tmp_path,
-        run={"max_steps": 40, "eval_every": 10, "checkpoint_every": 5, "log_every": 5, "max_failures": 2},
+        run={"max_steps": 20, "eval_every": 20, "checkpoint_every": 5, "log_every": 5, "max_failures": 2},
         tracking={"log_model": False},
     )
+    spec_path = write_spec(spec, tmp_path / "s.yaml")
     proc = subprocess.Popen(
-        [sys.executable, TRAIN, "--spec", str(write_spec(spec, tmp_path / "s.yaml"))],
+        [sys.executable, TRAIN, "--spec", str(spec_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -147,8 +157,8 @@ def test_ray_two_workers_and_sigkill_recovery(shards, tmp_path):
     lines, killed = [], False
     for line in proc.stdout:
         lines.append(line)
-        if not killed and "step 15/40" in line:
-            pids = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+        if not killed and "step 15/20" in line:
+            pids = [str(p) for p in descendant_pids("ray::RayTrainWorker", proc.pid)]
             assert pids, "no Ray Train worker process found"
             os.kill(int(pids[-1]), signal.SIGKILL)
             killed = True
@@ -164,13 +174,6 @@ def test_ray_two_workers_and_sigkill_recovery(shards, tmp_path):
     assert run.data.metrics["val/num_valid"] == _val_valid_pixels(shards)
     assert run.data.tags["hierseg.launcher"] == "ray"
     assert "Reporting training result" not in log and "Checkpoint successfully created" not in log
-    # a worker's error (here a loss blown up by the learning rate) ends the run as hierseg's one line
-    out = subprocess.run([sys.executable, TRAIN, "--spec", str(tmp_path / "s.yaml"), "--set", "run.resume=false",
-                          "--set", "optim.lr=1e30", "--set", "run.max_failures=0"], capture_output=True, text=True,
-                         timeout=400, env=ray_env())  # fmt: skip
-    assert out.returncode == 1, out.stderr[-3000:]
-    last = out.stderr.strip().splitlines()[-1]
-    assert re.match(r"hierseg train: FloatingPointError: non-finite loss at step \d+: ", last), last
 
 
 def test_non_finite_loss_stops_naming_the_step(shards, tmp_path):
