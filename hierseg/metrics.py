@@ -121,18 +121,28 @@ class ConfusionMatrix:
     def label_iou(self, space: LabelSpace) -> tuple[torch.Tensor, torch.Tensor]:
         """IoU in the label space of the data, and each value's labelled pixels.
 
-        For each label-map value ``v`` (a fine class or a set): true positive = labelled ``v`` and
-        predicted inside ``v``; false negative = labelled ``v``, predicted outside; false positive =
-        labelled anything else, predicted inside ``v``. For a binary mask this is the foreground IoU
-        a user computes by hand.
+        For each label-map value ``v`` (a fine class or a set), a pixel labelled ``L`` (a class or a set) is a
+        positive of ``v`` when ``L`` lies inside ``v``, a known negative when ``L`` and ``v`` share no class,
+        and unknown otherwise. True positive = a positive predicted inside ``v``; false negative = a positive
+        predicted outside; false positive = a known negative predicted inside ``v``. Within one label map the
+        values are disjoint, so the positives are the pixels labelled ``v`` and every other labelled pixel is
+        a negative: for a binary mask this is the foreground IoU a user computes by hand. Why the general rule:
+        the pooled metrics of a multi-source run score values of several maps that overlap (srf_tem's
+        ``axon`` lies inside vnc_sstem's ``neuron_part``), and a ``neuron_part`` pixel predicted axon says
+        nothing about axon; counting it as a false positive made the pooled ``val/label/miou`` of a joint
+        run (its default ``best_metric``) half what the per-source figures were.
         """
-        full = torch.cat([self.matrix, self.set_matrix]).cpu()  # rows: stored label id
+        full = torch.cat([self.matrix, self.set_matrix]).cpu()  # [R, C] rows: stored label id
+        c = self.num_classes
+        row_members = torch.cat([torch.eye(c, dtype=torch.bool), self.label_sets.cpu()])  # [R, C]
         members = space.members_table()  # [V, C]
-        rows = full[[v.stored_id for v in space.values]]  # [V, C]
-        tp = (rows * members).sum(1)
-        support = rows.sum(1)
-        predicted_inside = full.sum(0)[None, :].mul(members).sum(1)
-        return _safe_div(tp, support + predicted_inside - tp), support
+        pred_inside = (full[:, None, :] * members[None]).sum(-1)  # [R, V]
+        inside = ~(row_members[:, None, :] & ~members[None]).any(-1)  # [R, V]: label lies inside the value
+        disjoint = ~(row_members[:, None, :] & members[None]).any(-1)  # [R, V]: no class in common
+        tp = (pred_inside * inside).sum(0)
+        support = (full.sum(1)[:, None] * inside).sum(0)
+        fp = (pred_inside * disjoint).sum(0)
+        return _safe_div(tp, support + fp), support
 
 
 class GroupConfusion:

@@ -51,6 +51,37 @@ def test_set_pixels_are_known_negatives_and_no_data_is_nan() -> None:
     assert label_iou[1] == pytest.approx(_by_hand_iou(p, lab == 12, p != MITO))
 
 
+def test_pooled_label_iou_counts_overlapping_values_as_unknown() -> None:
+    """Pooled over two label maps: a label inside a value is a positive, one sharing no class a negative, else unknown."""
+    names = ("neuron_part", "not_mitochondria")
+    members = ({2, AXON, 4}, set(range(12)) - {MITO})
+    sets = LabelSets(names, tuple(tuple(sorted(m)) for m in members))
+    neuron, not_mito = 12, 13
+    y = torch.tensor([AXON, AXON, neuron, neuron, MITO, not_mito, not_mito, GLIA])
+    pred = torch.tensor([AXON, MITO, AXON, MITO, AXON, AXON, MITO, AXON])
+    cm = ConfusionMatrix(12, label_sets=sets.table()).update(pred, y)
+    record = {"mapping": {"3": "axon", "191": "mitochondria", "255": "neuron_part", "0": "not_mitochondria"}}
+    space = LabelSpace.from_label_map(record, sets)
+    iou, support = cm.label_iou(space)
+    # By hand, with plain sets: what each stored label allows, and each value's classes.
+    allows = {c: {c} for c in range(12)} | {neuron: members[0], not_mito: members[1]}
+    for v, got, n in zip(space.values, iou.tolist(), support.tolist()):
+        value = set(v.members)
+        pos = [allows[int(t)] <= value for t in y]
+        neg = [not (allows[int(t)] & value) for t in y]
+        hit = [int(p) in value for p in pred]
+        tp = sum(a and b for a, b in zip(pos, hit))
+        fp = sum(a and b for a, b in zip(neg, hit))
+        assert n == sum(pos) and got == pytest.approx(tp / (sum(pos) + fp)), v.name
+    by_name = dict(zip(space.names, iou.tolist()))
+    # axon: positives the 2 axon pixels (1 hit); the neuron_part pixels predicted axon are unknown, not false
+    # positives; the mito pixel and the glia pixel (disjoint from axon) predicted axon are false positives.
+    assert by_name["axon"] == pytest.approx(1 / 4)
+    # not_mitochondria: the axon, neuron_part, glia and its own set pixels lie inside it (7 positives, 4 predicted
+    # inside); the mito pixel predicted axon is its one false positive.
+    assert by_name["not_mitochondria"] == pytest.approx(4 / 8)
+
+
 def test_summary_ranks_on_labelled_values_only() -> None:
     """val/label/miou averages the values with labelled pixels; val/fine/* keeps the honest per-class figures."""
     y = torch.tensor([[[MITO, 12, 12, 12]]])
