@@ -52,7 +52,7 @@ def test_set_pixels_are_known_negatives_and_no_data_is_nan() -> None:
 
 
 def test_pooled_label_iou_counts_overlapping_values_as_unknown() -> None:
-    """Pooled over two label maps: a label inside a value is a positive, one sharing no class a negative, else unknown."""
+    """Pooled over two label maps: a label inside a value is a positive, one sharing no class a negative."""
     names = ("neuron_part", "not_mitochondria")
     members = ({2, AXON, 4}, set(range(12)) - {MITO})
     sets = LabelSets(names, tuple(tuple(sorted(m)) for m in members))
