@@ -178,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="spec override for every model, own and joint (e.g. model.norm=group); repeatable",
     )
+    ap.add_argument("--joint", default="srf,vnc_sets,vnc_mito",
+                    help="the joint model's sources (it trains len x --steps steps); e.g. vnc_sets,vnc_mito "
+                         "asks whether one modality alone trains a joint model as good as each own one")  # fmt: skip
+    ap.add_argument("--own-from", type=Path, metavar="RESULTS_JSON",
+                    help="take the own models' scores from an earlier run's results.json (same settings) "
+                         "instead of training them again")  # fmt: skip
     cfg = ap.parse_args(argv)
     if not (rd.DATA / "srf_tem").is_dir() or not (rd.DATA / "vnc_sstem").is_dir():
         print(f"bench/partial_labels.py: skipped: {rd.DATA}/srf_tem or vnc_sstem is absent")
@@ -191,9 +197,15 @@ def main(argv: list[str] | None = None) -> int:
         shards = build_shards(sources, work, env)
         ctx = {"work": work, "env": env, "cfg": cfg, "sources": sources, "shards": shards,
                "held": held_out(work, shards["srf"])}  # fmt: skip
+        joint_keys = [k for k in cfg.joint.split(",") if k]
+        unknown = sorted(set(joint_keys) - set(sources))
+        if unknown or not joint_keys:
+            raise rd.BenchError(f"--joint {cfg.joint}: unknown source(s) {unknown}; known: {', '.join(sources)}")
+        earlier = json.loads(cfg.own_from.read_text())["seeds"] if cfg.own_from else {}
         for seed in [int(s) for s in cfg.seeds.split(",")]:
-            own = {k: train_and_score(k, [k], ctx, cfg.steps, seed)[k] for k in sources}
-            joint = train_and_score("joint", list(sources), ctx, 3 * cfg.steps, seed)
+            own = {k: (earlier[str(seed)]["own"][k] if earlier else train_and_score(k, [k], ctx, cfg.steps, seed)[k])
+                   for k in joint_keys}  # fmt: skip
+            joint = train_and_score("joint", joint_keys, ctx, len(joint_keys) * cfg.steps, seed)
             results["seeds"][seed] = {"own": own, "joint": joint}
             (work / "results.json").write_text(json.dumps(rd._finite(results), indent=1) + "\n")
         report(results, cfg)
@@ -208,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(results: dict, cfg: argparse.Namespace) -> None:
     seeds = results["seeds"]
-    print(f"\njoint (3 sources, {3 * cfg.steps} steps) vs each source's own model ({cfg.steps} steps), batch "
+    n = len(cfg.joint.split(","))
+    print(f"\njoint ({cfg.joint}: {n * cfg.steps} steps) vs each source's own model ({cfg.steps} steps), batch "
           f"{cfg.batch} of {cfg.patch} px, U-Net base {cfg.base_channels} depth {cfg.depth}, seeds "
           f"{','.join(map(str, seeds))}; IoU on held-out data in the source's label space")  # fmt: skip
     print(f"{'source':<10}{'value':<18}{'joint':>7}{'own':>7}{'diff':>8}   per seed (joint/own)")
