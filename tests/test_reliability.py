@@ -475,9 +475,11 @@ def test_second_launch_of_a_live_run_is_refused_and_a_dead_lock_is_not(shards, t
         first.kill()  # SIGKILL: the kernel drops the flock, the lock file stays behind
         first.wait(timeout=60)
     assert (tmp_path / "runs" / "t" / ".lock").is_file()
-    third = _run([sys.executable, TRAIN, "--spec", str(spec_path), "--launcher", "local",
-                  "--set", "run.max_steps=2", "--set", "run.resume=false"], timeout=300)  # fmt: skip
-    assert third.returncode == 0, third.stderr[-3000:]
+    # The next launch takes the lock a SIGKILLed run left behind (the same call train.py makes first).
+    take = ("from hierseg.spec import load_spec; from hierseg.train.launch import lock_run_dir; "
+            f"lock_run_dir(load_spec({str(spec_path)!r})); print('locked')")  # fmt: skip
+    third = _run([sys.executable, "-c", take], timeout=120)
+    assert third.returncode == 0 and "locked" in third.stdout, third.stderr[-3000:]
 
 
 # ------------------------------------------------------------------ 25/26/29/21 on a real local Ray
