@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     env = rd.ray_env()
     sources = write_maps(work)
-    results: dict = {"config": vars(cfg) | {"out": str(cfg.out)}, "seeds": {}}
+    results: dict = {"config": vars(cfg) | {"out": str(cfg.out), "own_from": str(cfg.own_from)}, "seeds": {}}
     try:
         shards = build_shards(sources, work, env)
         ctx = {"work": work, "env": env, "cfg": cfg, "sources": sources, "shards": shards,
