@@ -691,8 +691,7 @@ def test_3d_checkpoint_spec_carries_the_manifest_voxel_size_and_rebuilds_the_net
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_predict_cli_writes_a_3d_checkpoint_into_ome_zarr(run3d, stack3d, tmp_path, capsys):
-    """hierseg predict with the 3D run's best checkpoint into out.ome.zarr: exit 0, one line, NGFF z/y/x with
-    the voxel size, values equal to one-shot 3D windows over the whole normalised volume, decoded voxel-wise."""
+    """predict a 3D checkpoint into out.ome.zarr: exit 0, one line, NGFF zyx + voxel size, values = one-shot windows."""
     from hierseg.infer import block_input, decide, default_options, load_predictor, main, predict_probs
 
     _, out, run_dir = run3d
@@ -768,8 +767,7 @@ class Pointwise(nn.Module):
     [((4, 16, 20), (1, 5, 3)), ((3, 17, 16), (0, 0, 6)), ((16, 16, 16), (2, 4, 4))],  # the last: z longer than D
 )
 def test_3d_tiled_prediction_equals_whole_volume_for_a_pointwise_model(tile, overlap):
-    """[z, y, x] windows that divide none of an 11 x 37 x 29 volume's sides, blended: the whole volume's
-    softmax/sigmoid to 1e-6 (a window longer than the volume in z is cut to it)."""
+    """Blended non-dividing [z, y, x] windows (z longer than the volume: cut) = the whole volume's output, 1e-6."""
     from hierseg.infer import PredictOptions, predict_probs, tile_grid
 
     model = Pointwise().eval()
@@ -795,8 +793,7 @@ def model3d(tmp_path_factory) -> Path:
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_a_window_covering_the_volume_is_one_forward_pass(model3d):
-    """A 3D U-Net window at least the volume's size on every axis (cut to it): exactly the whole volume's
-    forward pass, the blend window dividing out."""
+    """A 3D U-Net window covering the volume (cut to it) gives exactly the whole volume's forward pass."""
     from hierseg.infer import PredictOptions, load_predictor, predict_probs
 
     model = load_predictor(str(model3d)).model
@@ -824,9 +821,7 @@ class RecordingStack:
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_z_slab_streamed_prediction_equals_one_shot_and_reads_bounded_z_ranges(model3d):
-    """predict_volume of a 3D model reads each slice once, in z ranges of at most two windows, and yields each
-    slice before reading more than two windows past it; outputs equal one-shot windows over the whole volume
-    (labels bit-identical, probabilities to 1e-5)."""
+    """z-slab streaming reads each slice once, <= 2 windows ahead; = one-shot (labels exact, probs 1e-5)."""
     from hierseg.infer import PredictOptions, block_input, decide, load_predictor, predict_probs, predict_volume
 
     predictor = load_predictor(str(model3d))
@@ -855,8 +850,7 @@ FLAGS3D = ["--tile", "3,16,16", "--overlap", "1,4,4", "--batch", "3", "--device"
 
 @pytest.mark.usefixtures("ray_cluster", "one_torch_thread")
 def test_blockwise_3d_on_ray_equals_single_process_3d_predict(model3d, tmp_path):
-    """hierseg predict --ray of a 3D model (8 blocks, 2 workers, z halo = z overlap) writes the arrays
-    single-process 3D predict writes: labels bit-identical, probabilities to 1e-5."""
+    """predict --ray of a 3D model (8 blocks, 2 workers) = single-process 3D predict (labels exact, probs 1e-5)."""
     import zarr
 
     from hierseg.blockwise import predict_blockwise
@@ -892,8 +886,7 @@ def test_blockwise_3d_on_ray_equals_single_process_3d_predict(model3d, tmp_path)
     ],
 )  # fmt: skip
 def test_bad_3d_window_flags_are_one_line_errors(model3d, tmp_path, capsys, extra, message):
-    """A 3D window too small or of two sides, an overlap not under its side, a halo under the overlap (z
-    included): exit 2, one line naming the flag and the fix, nothing written."""
+    """Bad 3D --tile/--overlap, a --halo under the overlap in z: exit 2, one line with flag and fix, no output."""
     from hierseg.infer import main
 
     zarr_in = tmp_path / "vol.npy"
