@@ -14,7 +14,11 @@ run twice with different counts), and every worker runs :data:`WORKER_THREADS` t
 
 The context a block reads is the box of those windows: at least ``--overlap`` and less than ``--tile``
 pixels past the block (the volume's edges permitting). ``--halo`` is checked to be at least the overlap,
-the context seamless blending needs; the z halo is 0 (the model is 2D: slices are independent).
+the context seamless blending needs; for a 2D model the z halo is 0 (slices are independent).
+
+A 3D model's block runs the windows of the *whole volume's* 3D grid that touch it, the same way (one region
+in z, y and x; each slice normalised with its whole-slice statistics), so its output equals single-process
+3D ``predict`` just as well; its z halo must be at least the z overlap (default ``--halo``: the overlaps).
 
 Resume: ``block_done`` (uint8 over the block grid, one chunk per block; zarr writes chunks atomically)
 marks a block only after its outputs are written, and a rerun predicts the unmarked blocks only. The
@@ -41,9 +45,12 @@ from hierseg.infer import (
     PredictOptions,
     Predictor,
     _as_chw,
+    block_input,
     decide,
     default_options,
+    in_channels_of,
     load_predictor,
+    per_axis,
     predict_region_probs,
     region_tiles,
 )
@@ -99,6 +106,18 @@ class Job:
     options: PredictOptions
     grid: BlockGrid
     voxel: VoxelSize | None = None  # recorded in an OME-Zarr output
+    dims: int = 2  # the model's: a 2D model predicts a block slice by slice, a 3D one as one region
+
+    def context(self, interior: tuple[int, ...]) -> tuple[int, ...]:
+        """The box ``(z0, z1, y0, y1, x0, x1)`` a block's windows read (2D: per slice, z the block's own range)."""
+        if self.dims == 3:
+            return region_tiles(*self.grid.shape, interior, self.options)[1]
+        return interior[:2] + region_tiles(*self.grid.shape[1:], interior[2:], self.options)[1]
+
+    def slices_read(self, index: Triple) -> range:
+        """The z slices block ``index`` reads: those whose whole-slice statistics its normalisation needs."""
+        interior = self.grid.interior(index)
+        return range(*(self.context(interior) if self.dims == 3 else interior)[:2])
 
 
 @dataclass(frozen=True)
@@ -138,13 +157,22 @@ def _csv(values: tuple[int, ...]) -> str:
     return ",".join(str(v) for v in values)
 
 
-def check_plan(shape: Triple, block: Triple, halo: Triple, overlap: int) -> None:
-    """A block fits the volume; the halo has no z and covers the windows' overlap."""
+def check_plan(shape: Triple, block: Triple, halo: Triple, overlap: int | tuple[int, ...], dims: int = 2) -> None:
+    """A block fits the volume; the halo covers the windows' overlap (2D: and has no z)."""
     for axis, b, n in zip("zyx", block, shape):
         if b > n:
             fit = _csv(tuple(min(b_, n_) for b_, n_ in zip(block, shape)))
             raise PredictError(f"--block {_csv(block)} is larger than the volume {_csv(shape)} along {axis}; "
                                f"give at most --block {fit}")  # fmt: skip
+    if dims == 3:
+        overlap_S = per_axis(overlap, 3)
+        short = [axis for axis, h, o in zip("zyx", halo, overlap_S) if h < o]
+        if short:
+            fix = _csv(tuple(max(h, o) for h, o in zip(halo, overlap_S)))
+            raise PredictError(f"--halo {_csv(halo)} is smaller than the window overlap {_csv(overlap_S)} in "
+                               f"{','.join(short)}: the 3D windows blend over it; give at least --halo {fix} "
+                               "(or a smaller --overlap)")  # fmt: skip
+        return
     if halo[0] != 0:
         raise PredictError(f"--halo {_csv(halo)}: the 2D model predicts each z slice on its own, so the z halo "
                            f"must be 0; give --halo {_csv(halo[1:])}")  # fmt: skip
@@ -208,11 +236,13 @@ def plan_job(args: argparse.Namespace) -> tuple[Job, Predictor]:
     )  # fmt: skip
     if opts.decode == "labels" and not predictor.label_space:
         raise PredictError("--decode labels needs the model's training label map; use --decode fine")  # as decide
-    halo = parse_shape(args.halo, "--halo", halo=True) if args.halo else (0, opts.overlap, opts.overlap)
-    check_plan(shape, block, halo, opts.overlap)  # type: ignore[arg-type]
+    dims = predictor.dims
+    default_halo = per_axis(opts.overlap, 3) if dims == 3 else (0, opts.overlap, opts.overlap)
+    halo = parse_shape(args.halo, "--halo", halo=True) if args.halo else default_halo
+    check_plan(shape, block, halo, opts.overlap, dims)  # type: ignore[arg-type]
     grid = BlockGrid(shape, block)  # type: ignore[arg-type]
     job = Job(model, tracking_uri, label_map, _absolute_source(args.input), str(Path(args.output).absolute()),
-              opts, grid, voxel)  # fmt: skip
+              opts, grid, voxel, dims)  # fmt: skip
     return job, predictor
 
 
@@ -237,8 +267,8 @@ def job_record(job: Job, predictor: Predictor) -> dict[str, Any]:
         "input": job.input,
         "shape": list(job.grid.shape),
         "block": list(job.grid.block),
-        "tile": opts.tile,
-        "overlap": opts.overlap,
+        "tile": _recorded(opts.tile),  # a 3D model's [z, y, x]
+        "overlap": _recorded(opts.overlap),
         "batch": opts.batch,  # CPU kernels round batches of different sizes differently
         "decode": opts.decode,
         "fine_threshold": opts.fine_threshold,
@@ -250,6 +280,11 @@ def job_record(job: Job, predictor: Predictor) -> dict[str, Any]:
         "label_values": [[v.code, list(v.members)] for v in space.values] if opts.decode == "labels" else None,
         "voxel_size": job.voxel.record() if job.voxel else None,  # OME-Zarr metadata: another one is refused
     }
+
+
+def _recorded(value: int | tuple[int, ...]) -> int | list[int]:
+    """As the store's JSON attribute reads back (a list, never a tuple), so a resumed run compares equal."""
+    return value if isinstance(value, int) else list(value)
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -327,8 +362,7 @@ class BlockWorker:
         self.predictor.model = self.predictor.model.to(torch.device(self.opts.device))
         self.norm = self.predictor.normalization or {"mode": "zscore"}  # as predict_image
         self.lut = self.predictor.hierarchy.lut()
-        model = self.predictor.model
-        self.in_channels = model.stem[0].in_channels if hasattr(model, "stem") else 1
+        self.in_channels = in_channels_of(self.predictor.model)
         self.source = open_input(job.input)
         root = zarr.open_group(job.output, mode="r+")
         self.arrays = zarr_output_arrays(root)
@@ -345,15 +379,27 @@ class BlockWorker:
 
     def predict_block(self, index: Triple, stats: dict[int, dict[str, float]] | None) -> int:
         """Predict block ``index``, write its interior, then mark it done; returns its voxel count."""
-        z0, z1, y0, y1, x0, x1 = self.job.grid.interior(index)
-        outs = [self._predict_part(z, (y0, y1, x0, x1), stats[z] if stats else None) for z in range(z0, z1)]
+        z0, z1, y0, y1, x0, x1 = interior = self.job.grid.interior(index)
+        if self.job.dims == 3:
+            out = self._predict_region(interior, stats)
+        else:
+            outs = [self._predict_part(z, (y0, y1, x0, x1), stats[z] if stats else None) for z in range(z0, z1)]
+            out = {name: np.stack([o[name] for o in outs], axis=1 if name == "coarse_prob" else 0) for name in outs[0]}
         for name, arr in self.arrays.items():
             if name == "coarse_prob":
-                arr[:, z0:z1, y0:y1, x0:x1] = np.stack([o[name] for o in outs], axis=1)
+                arr[:, z0:z1, y0:y1, x0:x1] = out[name]
             else:
-                arr[z0:z1, y0:y1, x0:x1] = np.stack([o[name] for o in outs])
+                arr[z0:z1, y0:y1, x0:x1] = out[name]
         self.done[index] = 1  # only now: a block stopped before this line is predicted again
         return self.job.grid.voxels(index)
+
+    def _predict_region(self, interior: tuple[int, ...], stats: Any) -> dict[str, np.ndarray]:
+        """A 3D model's outputs ``[d, h, w]`` of a block, from the box of the whole volume's windows that touch it."""
+        fz0, fz1, fy0, fy1, fx0, fx1 = box = self.job.context(interior)
+        raw = self.source.read(slice(fz0, fz1), slice(fy0, fy1), slice(fx0, fx1))
+        x = block_input(raw, self.norm, self.in_channels, [stats[z] for z in range(fz0, fz1)] if stats else None)
+        probs = predict_region_probs(self.predictor.model, x, box[0::2], self.job.grid.shape, interior, self.opts)
+        return decide(probs, self.lut, self.opts, self.predictor.label_space)
 
     def _predict_part(self, z: int, interior: tuple[int, int, int, int], stats: Any) -> dict[str, np.ndarray]:
         from hierseg.data.normalize import normalize
@@ -433,10 +479,10 @@ def start_workers(job: Job, count: int, digest: str) -> list[Any]:
 
 
 def _slice_stats(pool: Any, job: Job, todo: list[Triple], quiet: bool) -> dict[int, dict[str, float]]:
-    """Whole-slice statistics of every slice a block to do lies in: one worker task per slice, not per block."""
+    """Whole-slice statistics of every slice a block to do reads: one worker task per slice, not per block."""
     from tqdm import tqdm
 
-    zs = sorted({z for index in todo for z in range(*job.grid.interior(index)[:2])})
+    zs = sorted({z for index in todo for z in job.slices_read(index)})
     stats = pool.map(lambda w, z: w.slice_stats.remote(z), zs)
     return dict(zip(zs, tqdm(stats, total=len(zs), desc="slice statistics", unit="slice", disable=quiet)))
 
@@ -451,8 +497,7 @@ def run_blocks(workers: list[Any], job: Job, todo: list[Triple], zscore: bool, q
     voxels = 0
     try:
         stats = _slice_stats(pool, job, todo, quiet) if zscore else None
-        work = [(index, {z: stats[z] for z in range(*job.grid.interior(index)[:2])} if stats else None)
-                for index in todo]  # fmt: skip
+        work = [(index, {z: stats[z] for z in job.slices_read(index)} if stats else None) for index in todo]
         with tqdm(total=len(todo), desc="predict", unit="block", disable=quiet) as bar:
             for n in pool.map_unordered(lambda w, item: w.predict_block.remote(*item), work):
                 voxels += n

@@ -6,8 +6,8 @@ figures are the ones a user gets by predicting those slices and scoring them by 
 it on its share of the validation split and all-reduces the counts once; ``hierseg evaluate`` runs
 it on any labelled shards or volume with a registered model. Uncertain pixels are never scored; a
 class with no labelled pixel and no false positive reads "no data". A 3D block (a 3D model's
-validation) is scored in non-overlapping windows of the training patch size with the same decoding,
-so each voxel counts once (3D sliding-window prediction with blending comes later).
+validation, or a labelled volume given to ``hierseg evaluate``) is scored in non-overlapping windows of the
+training patch size with the same decoding, so each voxel counts once.
 """
 
 from __future__ import annotations
@@ -241,6 +241,13 @@ def volume_batches(image: str, labels: str, label_map: Any, predictor: Predictor
     lab = lab[None] if lab.ndim == 2 else lab
     if lab.shape != (len(stack), *stack.shape[-2:]):
         raise ValueError(f"--labels {labels} has shape {lab.shape} but --image {image} is {stack.shape}")
+    if predictor.dims == 3:  # one block [1, C, D, H, W], scored in windows as validation scores 3D blocks
+        from hierseg.infer import block_input, in_channels_of
+
+        mapped, _ = label_map.apply(lab, where=labels)
+        x = block_input(np.asarray(stack[0 : len(stack)]), predictor.normalization, in_channels_of(predictor.model))
+        yield x[None], torch.from_numpy(mapped)[None]
+        return
     for z in range(len(stack)):
         mapped, _ = label_map.apply(lab[z], where=f"{labels} slice {z}")
         x = normalize(np.asarray(stack[z]), predictor.normalization)

@@ -2,10 +2,16 @@
 
 Why tiles: EM sections are larger than what fits through a U-Net at once, and training saw patches.
 Tiles overlap and are blended with a smooth (cosine) window so seams do not show; when the image
-fits in one window the result equals a whole-image forward pass (the window divides out).
+fits in one window the result equals a whole-image forward pass (the window divides out). One
+implementation serves 2D tiles ``[y, x]`` and a 3D model's windows ``[z, y, x]`` (``--tile Z,Y,X
+--overlap Z,Y,X``): the grid, the blend window (a product of per-axis ramps) and the blending
+(:func:`blend_slabs`) take any number of spatial axes.
 
 Why slices are streamed: stacks can be larger than RAM, so slices are read one at a time from TIFF
-pages, HDF5/zarr datasets or ``.npy`` memory maps, and written one at a time to the output.
+pages, HDF5/zarr datasets or ``.npy`` memory maps, and written one at a time to the output. A 2D
+model predicts each slice on its own; a 3D model reads z slabs as its windows reach them and writes
+each slice once no later window touches it (:func:`predict_slabs`), the same result as predicting
+the whole volume at once.
 
 Outputs (per slice, then stacked):
 
@@ -33,7 +39,7 @@ import itertools
 import math
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,8 +82,10 @@ class PredictError(ValueError):
 class PredictOptions:
     """Tiling and decision thresholds; defaults suit the quickstart model on CPU."""
 
-    tile: int = 256
-    overlap: int = 32
+    tile: int | tuple[int, ...] = 256
+    """Window side, or ``(z, y, x)`` sides for a 3D model (one int: the same on every axis)."""
+    overlap: int | tuple[int, ...] = 32
+    """Overlap of neighbouring windows, per axis as ``tile``."""
     batch: int = 8
     fine_threshold: float = 0.5
     coarse_threshold: float = COARSE_CONFIDENT
@@ -85,11 +93,26 @@ class PredictOptions:
     amp: bool = True  # bf16 autocast on GPU (never on CPU)
     decode: str = "fine"  # "fine" or "labels" (see the module doc)
     window: tuple[int, ...] | None = None
-    """3D models (validation only): score a ``[D, H, W]`` block in non-overlapping windows of at most this
-    ``[z, y, x]`` (:func:`block_windows`); 3D sliding-window prediction is not yet supported."""
+    """3D models, validation only: score a ``[D, H, W]`` block in non-overlapping windows of at most this
+    ``[z, y, x]`` (:func:`block_windows`) instead of blended sliding windows (``tile``, ``overlap``)."""
 
 
 # ------------------------------------------------------------------------------------------- tiling
+Box = tuple[int, ...]
+"""Half-open bounds per axis in voxels of the whole slice or volume: ``(y0, y1, x0, x1)`` in 2D,
+``(z0, z1, y0, y1, x0, x1)`` in 3D."""
+
+
+def per_axis(value: int | Sequence[int], dims: int) -> tuple[int, ...]:
+    """A window side or overlap on each of ``dims`` axes: one int is the same on every axis."""
+    if isinstance(value, int):
+        return (value,) * dims
+    sides = tuple(int(v) for v in value)
+    if len(sides) != dims:
+        raise ValueError(f"{list(sides)} gives {len(sides)} sides for a {dims}D volume")
+    return sides
+
+
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     """Window starts along one axis: every pixel covered, the last window flush with the edge."""
     if size <= tile:
@@ -99,10 +122,11 @@ def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return [*starts, size - tile]
 
 
-def blend_window(h: int, w: int, overlap: int) -> torch.Tensor:
-    """Cosine ramp over ``overlap`` pixels at each edge, 1 inside; never 0 so every pixel is weighted."""
+def blend_window(window_S: Sequence[int], overlap_S: Sequence[int]) -> torch.Tensor:
+    """The product over axes of a cosine ramp over that axis's overlap at each edge, 1 inside; never 0 so
+    every voxel is weighted."""
 
-    def ramp(n: int) -> torch.Tensor:
+    def ramp(n: int, overlap: int) -> torch.Tensor:
         r = torch.ones(n)
         m = min(overlap, n // 2)
         if m > 0:
@@ -111,7 +135,12 @@ def blend_window(h: int, w: int, overlap: int) -> torch.Tensor:
             r[:m], r[n - m :] = edge, edge.flip(0)
         return r.clamp_min(1e-3)
 
-    return ramp(h)[:, None] * ramp(w)[None, :]
+    dims = len(window_S)
+    window = None
+    for axis, (n, overlap) in enumerate(zip(window_S, overlap_S, strict=True)):
+        r = ramp(n, overlap).view([n if a == axis else 1 for a in range(dims)])  # broadcast along this axis
+        window = r if window is None else window * r
+    return window
 
 
 def _device_of(options: PredictOptions) -> torch.device:
@@ -120,37 +149,75 @@ def _device_of(options: PredictOptions) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-Box = tuple[int, int, int, int]
-"""``(y0, y1, x0, x1)``, half-open, in pixels of the whole slice."""
+@dataclass(frozen=True)
+class Grid:
+    """The sliding windows of a volume: one window shape and, per axis, the window starts; window ``i`` is the
+    ``i``-th of their product (the last axis fastest). Kept per axis because a large 3D volume has millions of
+    windows, while a block needs only the few that touch it."""
+
+    window_S: tuple[int, ...]
+    starts_per_axis: tuple[list[int], ...]
+
+    def __len__(self) -> int:
+        return math.prod(len(starts) for starts in self.starts_per_axis)
+
+    def start(self, i: int) -> tuple[int, ...]:
+        """The first voxel of window ``i``."""
+        start_S = []
+        for starts in reversed(self.starts_per_axis):
+            i, k = divmod(i, len(starts))
+            start_S.append(starts[k])
+        return tuple(reversed(start_S))
 
 
-def tile_grid(h: int, w: int, options: PredictOptions) -> tuple[int, int, list[tuple[int, int]]]:
-    """Window height, width and the ``(y, x)`` starts of every window of an ``h x w`` slice, in the order run."""
-    th, tw = min(options.tile, h), min(options.tile, w)
-    return th, tw, [(y, x) for y in tile_starts(h, th, options.overlap) for x in tile_starts(w, tw, options.overlap)]
+def grid_of(size_S: Sequence[int], options: PredictOptions) -> Grid:
+    """The windows of a volume of ``size_S``: the tile, cut to the volume where it is larger, every ``tile -
+    overlap`` voxels along each axis (:func:`tile_starts`)."""
+    dims = len(size_S)
+    window_S = tuple(min(t, n) for t, n in zip(per_axis(options.tile, dims), size_S, strict=True))
+    overlap_S = per_axis(options.overlap, dims)
+    return Grid(window_S, tuple(tile_starts(n, t, o) for n, t, o in zip(size_S, window_S, overlap_S, strict=True)))
 
 
-def region_tiles(h: int, w: int, interior: Box, options: PredictOptions) -> tuple[list[int], Box]:
-    """The windows of the whole slice's grid that touch ``interior``, and the box they cover (what must be read).
+def tile_grid(*sides_options: Any) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
+    """``tile_grid(H, W, options)`` or ``tile_grid(D, H, W, options)``: the window shape and the starts of every
+    window, in the order run (the last axis fastest)."""
+    *size_S, options = sides_options
+    grid = grid_of(size_S, options)
+    return grid.window_S, list(itertools.product(*grid.starts_per_axis))
 
-    That box reaches at least ``overlap`` pixels past the interior (the volume's edge permitting) and less than
-    ``tile``: a window that ends earlier does not touch the interior.
+
+def region_tiles(*sides_interior_options: Any) -> tuple[list[int], Box]:
+    """``region_tiles(H, W, interior, options)`` or ``region_tiles(D, H, W, interior, options)``: the windows of
+    the whole volume's grid that touch ``interior`` (indices in the order run), and the box they cover (what
+    must be read).
+
+    That box reaches at least ``overlap`` voxels past the interior on each axis (the volume's edge permitting)
+    and less than ``tile``: a window that ends earlier does not touch the interior.
     """
-    th, tw, boxes = tile_grid(h, w, options)
-    y0, y1, x0, x1 = interior
-    needed = [i for i, (y, x) in enumerate(boxes) if y < y1 and y + th > y0 and x < x1 and x + tw > x0]
-    if not needed:
-        raise ValueError(f"region {interior} lies outside the {h} x {w} slice")
-    ys, xs = [boxes[i][0] for i in needed], [boxes[i][1] for i in needed]
-    return needed, (min(ys), max(ys) + th, min(xs), max(xs) + tw)
+    *size_S, interior, options = sides_interior_options
+    grid = grid_of(size_S, options)
+    touching = [  # per axis, the starts' positions whose windows overlap the interior's range
+        [k for k, s in enumerate(starts) if s < hi and s + t > lo]
+        for starts, t, lo, hi in zip(grid.starts_per_axis, grid.window_S, interior[0::2], interior[1::2], strict=True)
+    ]
+    if not all(touching):
+        raise ValueError(f"region {interior} lies outside the {' x '.join(map(str, size_S))} volume")
+    counts = [len(starts) for starts in grid.starts_per_axis]
+    strides = [math.prod(counts[axis + 1 :]) for axis in range(len(counts))]
+    needed = [sum(k * st for k, st in zip(ks, strides)) for ks in itertools.product(*touching)]
+    box: list[int] = []
+    for starts, t, ks in zip(grid.starts_per_axis, grid.window_S, touching):
+        box += [starts[ks[0]], starts[ks[-1]] + t]
+    return needed, tuple(box)
 
 
 def _batches(needed: list[int], num_tiles: int, batch: int) -> Iterator[tuple[list[int], int]]:
-    """Runs of ``needed`` windows, each run as large as the batch the whole-slice pass puts those windows in.
+    """Runs of ``needed`` windows, each run as large as the batch the whole-volume pass puts those windows in.
 
     Why: CPU kernels round a batch of 1 differently from a batch of 8 (by ~1e-6), while a window's result does
-    not depend on which other windows share its batch; so a region padded to the whole slice's batch sizes
-    gets bit-identical probabilities. For the whole slice this gives exactly the consecutive batches.
+    not depend on which other windows share its batch; so a region padded to the whole volume's batch sizes
+    gets bit-identical probabilities. For the whole volume this gives exactly the consecutive batches.
     """
     run: list[int] = []
     size = 0
@@ -165,40 +232,106 @@ def _batches(needed: list[int], num_tiles: int, batch: int) -> Iterator[tuple[li
         yield run, size
 
 
+class _Rows:
+    """A tensor over rows ``[start, end)`` of a box (rows: its first spatial axis) that grows at the end and is
+    dropped from the start: the part of the box that windows still to run read (input) or add to (sums)."""
+
+    def __init__(self, start: int, data_CRS: torch.Tensor):
+        self.start, self.data = start, data_CRS
+
+    @property
+    def end(self) -> int:
+        return self.start + self.data.shape[1]
+
+    def grow_to(self, end: int, read: Any = None) -> None:
+        """Append rows ``[self.end, end)``, if any: those ``read(a, b)`` gives, else zeros."""
+        if end > self.end:
+            d = self.data
+            rows = read(self.end, end) if read else d.new_zeros(d.shape[0], end - self.end, *d.shape[2:])
+            self.data = torch.cat([d, rows], 1)
+
+    def drop_before(self, row: int) -> None:
+        if row > self.start:
+            self.data = self.data[:, row - self.start :]
+            self.start = row
+
+    def at(self, start_S: tuple[int, ...], window_S: tuple[int, ...], lo_S: tuple[int, ...]) -> torch.Tensor:
+        """The window of shape ``window_S`` starting at volume voxel ``start_S`` (the box starts at ``lo_S``)."""
+        origin_S = (self.start, *lo_S[1:])
+        return self.data[(slice(None), *(slice(s - o, s - o + t) for s, t, o in zip(start_S, window_S, origin_S)))]
+
+
 @torch.no_grad()
+def blend_slabs(
+    model: torch.nn.Module,
+    read: Any,
+    size_S: tuple[int, ...],
+    interior: Box,
+    options: PredictOptions,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Blended probabilities of ``interior`` of a volume of ``size_S``, exactly as the whole volume's, in slabs
+    along the first axis: ``(a, b, probs_PRS)`` for rows ``[a, b)``, each yielded once no later window touches it.
+
+    ``read(a, b)`` gives the normalised input ``[C, b - a, ...]`` of rows ``[a, b)`` of :func:`region_tiles`' box
+    (its extent on the other axes). It is called for consecutive rows, each read once, so memory stays the rows
+    a batch of windows spans however long the first axis: a z stack larger than RAM streams in z slabs.
+    Exact because it runs the whole volume's windows that touch the interior, with the same blend window,
+    summed per voxel in the same order, in batches of the same sizes (:func:`_batches`).
+    """
+    device = next(model.parameters()).device
+    grid, (needed, box) = grid_of(size_S, options), region_tiles(*size_S, interior, options)
+    window_S, starts = grid.window_S, {i: grid.start(i) for i in needed}
+    overlap_S = per_axis(options.overlap, len(size_S)) if len(grid) > 1 else (0,) * len(size_S)
+    window = blend_window(window_S, overlap_S).to(device)
+    lo_S, rest_S, (emit, stop) = box[0::2], tuple(b - a for a, b in zip(box[2::2], box[3::2])), interior[:2]
+    crop = tuple(slice(a - lo, b - lo) for a, b, lo in zip(interior[2::2], interior[3::2], lo_S[1:]))
+    ctx = autocast_for(options, device)
+    runs = list(_batches(needed, len(grid), options.batch))
+    x = _Rows(box[0], read(box[0], box[0] + window_S[0]))  # the input rows later windows still read
+    acc = weight = None  # sum of probabilities times the window, and of the window, over rows not yet emitted
+    for k, (run, size) in enumerate(runs):
+        top = starts[run[-1]][0] + window_S[0]  # the grid runs the first axis slowest: the last window reaches furthest
+        x.grow_to(top, read)
+        tiles = [x.at(starts[i], window_S, lo_S) for i in run]
+        tiles += tiles[-1:] * (size - len(run))  # pad to the whole-volume batch size; the extra results are dropped
+        probs_BPS = window_probs(model, torch.stack(tiles).to(device), ctx)
+        if acc is None:
+            acc = _Rows(box[0], probs_BPS.new_zeros(probs_BPS.shape[1], 0, *rest_S))
+            weight = _Rows(box[0], window.new_zeros(1, 0, *rest_S))
+        acc.grow_to(top)
+        weight.grow_to(top)
+        for i, p_PS in zip(run, probs_BPS[: len(run)]):
+            acc.at(starts[i], window_S, lo_S).add_(p_PS * window)
+            weight.at(starts[i], window_S, lo_S).add_(window)
+        done = starts[runs[k + 1][0][0]][0] if k + 1 < len(runs) else stop  # later windows start at or past it
+        if done > emit:
+            a, b = emit - acc.start, done - acc.start
+            yield emit, done, (acc.data[:, a:b] / weight.data[:, a:b])[(slice(None), slice(None), *crop)].cpu()
+            emit = done
+        for rows in (x, acc, weight):
+            rows.drop_before(done)
+
+
 def predict_region_probs(
     model: torch.nn.Module,
-    image_CHW: torch.Tensor,
-    origin: tuple[int, int],
-    slice_hw: tuple[int, int],
+    image_CS: torch.Tensor,
+    origin: tuple[int, ...],
+    size_S: tuple[int, ...],
     interior: Box,
     options: PredictOptions,
 ) -> torch.Tensor:
-    """Blended probabilities of ``interior`` of a slice, exactly as :func:`predict_probs` of the whole slice.
+    """Blended probabilities of ``interior`` of a slice or volume, exactly as :func:`predict_probs` of the whole.
 
-    ``image_CHW`` is the normalised input of a part of the slice holding :func:`region_tiles`' box, its pixel
-    ``[0, 0]`` at slice pixel ``origin``. Exact because it runs the whole slice's windows that touch the
-    interior, with the same blend window, summed per pixel in the same order, in batches of the same sizes.
+    ``image_CS`` is the normalised input of a part of the volume holding :func:`region_tiles`' box, its voxel
+    ``[0, ...]`` at volume voxel ``origin``; see :func:`blend_slabs` for why the result is exact.
     """
-    device = next(model.parameters()).device
-    th, tw, boxes = tile_grid(*slice_hw, options)
-    needed, _ = region_tiles(*slice_hw, interior, options)
-    (oy, ox), (_, rh, rw) = origin, image_CHW.shape
-    window = blend_window(th, tw, options.overlap if len(boxes) > 1 else 0).to(device)
-    acc, weight = None, torch.zeros(rh, rw, device=device)
-    ctx = autocast_for(options, device)
-    for run, size in _batches(needed, len(boxes), options.batch):
-        starts = [(boxes[i][0] - oy, boxes[i][1] - ox) for i in run]
-        tiles = [image_CHW[:, y : y + th, x : x + tw] for y, x in starts]
-        tiles += tiles[-1:] * (size - len(run))  # pad to the whole-slice batch size; the extra results are dropped
-        probs = window_probs(model, torch.stack(tiles).to(device), ctx)
-        if acc is None:
-            acc = torch.zeros(probs.shape[1], rh, rw, device=device)
-        for (y, x), p in zip(starts, probs[: len(run)]):
-            acc[:, y : y + th, x : x + tw] += p * window
-            weight[y : y + th, x : x + tw] += window
-    y0, y1, x0, x1 = interior
-    return (acc / weight)[:, y0 - oy : y1 - oy, x0 - ox : x1 - ox].cpu()
+    _, box = region_tiles(*size_S, interior, options)
+    rest = tuple(slice(a - o, b - o) for a, b, o in zip(box[2::2], box[3::2], origin[1:], strict=True))
+
+    def read(a: int, b: int) -> torch.Tensor:
+        return image_CS[(slice(None), slice(a - origin[0], b - origin[0]), *rest)]
+
+    return torch.cat([probs for _, _, probs in blend_slabs(model, read, size_S, interior, options)], 1)
 
 
 def autocast_for(options: PredictOptions, device: torch.device) -> Any:
@@ -226,13 +359,15 @@ def block_windows(shape_S: tuple[int, ...], window: tuple[int, ...]) -> list[tup
     return [tuple(slice(a, b) for a, b in box) for box in itertools.product(*per_axis)]
 
 
-def predict_probs(model: torch.nn.Module, image_CHW: torch.Tensor, options: PredictOptions) -> torch.Tensor:
-    """Blended ``[12 + sum K, H, W]`` probabilities (softmax fine, then sigmoid coarse of every level) of one image.
+def predict_probs(model: torch.nn.Module, image_CS: torch.Tensor, options: PredictOptions) -> torch.Tensor:
+    """Blended ``[12 + sum K, *S]`` probabilities (softmax fine, then sigmoid coarse of every level) of one image
+    ``[C, H, W]`` or volume ``[C, D, H, W]``.
 
-    ``image_CHW`` is the normalised network input (:func:`hierseg.data.normalize.normalize`).
+    ``image_CS`` is the normalised network input (:func:`hierseg.data.normalize.normalize`).
     """
-    _, h, w = image_CHW.shape
-    return predict_region_probs(model, image_CHW, (0, 0), (h, w), (0, h, 0, w), options)
+    size_S = tuple(image_CS.shape[1:])
+    whole = tuple(v for n in size_S for v in (0, n))
+    return predict_region_probs(model, image_CS, (0,) * len(size_S), size_S, whole, options)
 
 
 def decide(
@@ -288,6 +423,32 @@ def _as_chw(x: np.ndarray, channels: int) -> torch.Tensor:
     return t
 
 
+def in_channels_of(model: torch.nn.Module) -> int:
+    """The input channels of a hierseg U-Net (1 for other modules)."""
+    return model.stem[0].in_channels if hasattr(model, "stem") else 1
+
+
+def block_input(
+    raw: np.ndarray, norm: dict[str, Any], channels: int, stats: Sequence[dict[str, float]] | None = None
+) -> torch.Tensor:
+    """Raw slices ``[d, h, w]`` (or ``[d, C, h, w]``) -> the 3D network's normalised input ``[C, d, h, w]``.
+
+    Each slice is normalised as in 2D (:func:`hierseg.data.normalize.normalize_block`), z-score with its whole
+    slice's ``stats``: given for parts of slices (blockwise), else computed from the slices read (whole ones).
+    """
+    from hierseg.data.normalize import image_stats, normalize_block
+
+    x = np.asarray(raw)
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4 or x.shape[1] != channels:
+        raise PredictError(f"slices of shape {tuple(raw.shape[1:])} do not fit a model with {channels} input "
+                           "channel(s)")  # fmt: skip
+    if stats is None and norm.get("mode") == "zscore":
+        stats = [image_stats(s) for s in raw]  # the raw slices as read: the numbers blockwise computes per slice
+    return torch.from_numpy(normalize_block(x.transpose(1, 0, 2, 3), norm, stats))
+
+
 def predict_image(
     model: torch.nn.Module,
     image: np.ndarray,
@@ -305,7 +466,7 @@ def predict_image(
     """
     opts = options or PredictOptions(tile=tile, overlap=overlap, batch=batch)
     lut = (hierarchy or Hierarchy.default()).lut()
-    in_ch = model.stem[0].in_channels if hasattr(model, "stem") else 1
+    in_ch = in_channels_of(model)
     x = _as_chw(normalize(np.asarray(image), normalization or {"mode": "zscore"}), in_ch)
     probs = predict_probs(model, x, opts)
     return decide(probs, lut, opts, label_space)
@@ -325,6 +486,12 @@ class Predictor:
     """The training patch size: the default prediction window (``[z, y, x]`` for a 3D model)."""
     spec: Any = None
     """The resolved training spec (``None`` for a bare model)."""
+
+    @property
+    def dims(self) -> int:
+        """2 or 3: the spatial dimensions the model takes (its U-Net plan's; 2 for a module without one)."""
+        plan = getattr(self.model, "plan", None)
+        return plan.dims if plan is not None else 2
 
     @property
     def default_decode(self) -> str:
@@ -385,12 +552,38 @@ def predict_volume(
     options: PredictOptions | None = None,
     progress: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Predict a ``[Z, H, W]`` stack slice by slice (any object with ``len`` and ``[z]``): memory stays one slice."""
+    """Predict a ``[Z, H, W]`` stack slice by slice (any object with ``len`` and ``[z]``; for a 3D model also
+    ``shape`` and ``[z0:z1]``): a 2D model one slice at a time, memory one slice; a 3D model through 3D windows
+    in z slabs (:func:`predict_slabs`), memory one slab."""
     from tqdm import tqdm
 
     opts = options or PredictOptions()
-    for z in tqdm(range(len(volume)), desc="predict", unit="slice", disable=not progress):
-        yield predictor.predict(np.asarray(volume[z]), opts)
+    if predictor.dims == 3:
+        outputs = predict_slabs(predictor, volume, opts)
+    else:
+        outputs = (predictor.predict(np.asarray(volume[z]), opts) for z in range(len(volume)))
+    yield from tqdm(outputs, total=len(volume), desc="predict", unit="slice", disable=not progress)
+
+
+def predict_slabs(predictor: Predictor, volume: Any, options: PredictOptions) -> Iterator[dict[str, np.ndarray]]:
+    """A 3D model's outputs of a ``[Z, H, W]`` stack, slice by slice, through blended ``[z, y, x]`` windows.
+
+    Why slabs: a stack can be larger than RAM. The input is read as ``volume[z0:z1]`` when the windows reach
+    it, each slice once, and a slab's slices are decoded (:func:`decide`, voxel-wise) and yielded as soon as no
+    later window touches them (:func:`blend_slabs`), so memory stays the slices one batch of windows spans.
+    """
+    model, norm = predictor.model, predictor.normalization or {"mode": "zscore"}  # as predict_image
+    size_S = (len(volume), *volume.shape[-2:])
+    channels, lut = in_channels_of(model), predictor.hierarchy.lut()
+
+    def read(z0: int, z1: int) -> torch.Tensor:
+        return block_input(np.asarray(volume[z0:z1]), norm, channels)
+
+    whole = tuple(v for n in size_S for v in (0, n))
+    for _, _, probs_PDHW in blend_slabs(model, read, size_S, whole, options):
+        out = decide(probs_PDHW, lut, options, predictor.label_space)
+        for i in range(probs_PDHW.shape[1]):
+            yield {name: v[:, i] if name == "coarse_prob" else v[i] for name, v in out.items()}
 
 
 # ------------------------------------------------------------------------------------- model loading
@@ -440,11 +633,6 @@ def load_predictor(uri: str, tracking_uri: str | None = None) -> Predictor:
         raise PredictError(f"--model {uri}: not a loadable hierseg checkpoint ({e})") from None
     except ValueError as e:
         raise PredictError(f"--model {uri}: {e}") from None
-    if predictor.spec is not None and predictor.spec.model.dims == 3:
-        raise PredictError(
-            f"--model {uri} is a 3D model (model.dims 3): 3D prediction (3D sliding windows, OME-Zarr output) is not "
-            "yet supported; predict with a 2D model (its best checkpoint stays in the run folder for later)"
-        )
     return predictor
 
 
@@ -479,32 +667,99 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ray = ap.add_argument_group("blockwise on Ray (hierseg.blockwise): resumable, into out.zarr")
     ray.add_argument("--ray", action="store_true", help="predict blocks on Ray workers ($RAY_ADDRESS, else local)")
     ray.add_argument("--block", default=None, metavar="Z,Y,X", help="block shape (and the output's chunks)")
-    ray.add_argument("--halo", default=None, metavar="Y,X", help="context past each block (or 0,Y,X); at least "
-                     "--overlap, the default")  # fmt: skip
+    ray.add_argument("--halo", default=None, metavar="[Z,]Y,X", help="context past each block: Y,X (or 0,Y,X) for a "
+                     "2D model, Z,Y,X for a 3D one; at least --overlap on each axis, the default")  # fmt: skip
     ray.add_argument("--ray-workers", type=int, default=2, metavar="N", help="Ray actors, each loading the model once")
     return ap.parse_args(argv)
 
 
 def add_tiling_args(ap: argparse.ArgumentParser) -> None:
     """Flags shared by predict and evaluate, so both score through the same windows and decoding."""
-    ap.add_argument("--tile", type=int, default=None, help="window side (default: the model's training patch size)")
-    ap.add_argument("--overlap", type=int, default=None, help="window overlap (default: tile / 8)")
+    ap.add_argument("--tile", default=None, metavar="N|Z,Y,X",
+                    help="window side (default: the model's training patch size); a 3D model takes Z,Y,X, "
+                         "or N for y and x with z the training patch's; a window longer than the volume is cut "
+                         "to it")  # fmt: skip
+    ap.add_argument("--overlap", default=None, metavar="N|Z,Y,X",
+                    help="window overlap (default: tile / 8); for a 3D model Z,Y,X, or N for y and x with z the "
+                         "same fraction of the z side, at least 1 slice (see hierseg.infer.z_overlap)")  # fmt: skip
     ap.add_argument("--batch", type=int, default=8, help="tiles per forward pass")
     ap.add_argument("--decode", choices=["fine", "labels"], default=None,
                     help="fine: 12-way argmax; labels: in the training label map's values "
                          "(default: labels for a model trained with label sets)")  # fmt: skip
 
 
+def csv(values: int | Sequence[int]) -> str:
+    """``4,48,48`` (or ``48``): sides as the flags take them."""
+    return str(values) if isinstance(values, int) else ",".join(str(v) for v in values)
+
+
+def _flag_ints(value: Any, flag: str) -> int | tuple[int, ...] | None:
+    """``--tile`` / ``--overlap`` as given (``None``, an int, ``"48"``, ``"4,48,48"`` or a sequence) -> int or
+    ``(z, y, x)``; a one-line error naming the flag otherwise."""
+    if value is None or isinstance(value, int):
+        return value
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        ints = tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        ints = ()
+    if len(ints) not in (1, 3):
+        raise PredictError(f"{flag} {value}: give one integer, or Z,Y,X (three integers) for a 3D model")
+    return ints[0] if len(ints) == 1 else ints
+
+
+def z_overlap(yx_overlap: int, tile_S: tuple[int, ...]) -> int:
+    """The z overlap of ``--overlap N`` (y and x) for a ``[z, y, x]`` window: the same fraction of the z side as
+    of the y side, rounded down, but at least one slice when the z side has more than one (3D windows are
+    short in z, and windows that share no slice leave a seam between sections); none for ``N = 0``."""
+    if yx_overlap <= 0 or tile_S[0] <= 1:
+        return 0
+    return max(1, yx_overlap * tile_S[0] // tile_S[1])
+
+
+def window_options(predictor: Predictor, tile: Any, overlap: Any) -> tuple[Any, Any]:
+    """``(tile, overlap)`` from the flags: a 2D model takes one int each (default: the training patch side and
+    1/8 of it); a 3D model ``(z, y, x)`` each (defaults: the training patch, 1/8 of y and x, :func:`z_overlap`)."""
+    tile, overlap = _flag_ints(tile, "--tile"), _flag_ints(overlap, "--overlap")
+    if predictor.dims == 2:
+        for flag, value in (("--tile", tile), ("--overlap", overlap)):
+            if isinstance(value, tuple):
+                raise PredictError(f"{flag} {csv(value)} is a 3D window but the model is 2D; give one integer "
+                                   f"(e.g. {flag} {value[-1]})")  # fmt: skip
+        tile = tile or predictor.patch_size
+        return tile, tile // 8 if overlap is None else overlap
+    patch_S = per_axis(predictor.patch_size, 3)
+    tile_S = tile if isinstance(tile, tuple) else (patch_S[0], tile, tile) if tile else patch_S
+    if isinstance(overlap, tuple):
+        return tile_S, overlap
+    yx = (tile_S[1] // 8, tile_S[2] // 8) if overlap is None else (overlap, overlap)
+    return tile_S, (z_overlap(yx[0], tile_S), *yx)
+
+
+def _check_windows(opts: PredictOptions, dims: int) -> None:
+    if dims == 2:
+        if opts.tile < 16 or not 0 <= opts.overlap < opts.tile or opts.batch < 1:
+            raise PredictError("--tile must be >= 16, --overlap in [0, tile), --batch >= 1")
+        return
+    tile_S, overlap_S = opts.tile, opts.overlap
+    overlaps_fit = all(0 <= o < t for o, t in zip(overlap_S, tile_S))
+    if min(tile_S[1:]) < 16 or tile_S[0] < 1 or not overlaps_fit or opts.batch < 1:
+        raise PredictError(f"--tile {csv(tile_S)} --overlap {csv(overlap_S)} --batch {opts.batch}: a 3D window "
+                           "needs y and x sides >= 16, a z side >= 1, each overlap in [0, its side) and "
+                           "--batch >= 1")  # fmt: skip
+
+
 def default_options(predictor: Predictor, **overrides: Any) -> PredictOptions:
-    """Windows of the training patch size with 1/8 overlap and the model's default decoding (as validation)."""
-    tile = overrides.pop("tile", None) or predictor.patch_size
-    overlap = overrides.pop("overlap", None)
+    """Windows of the training patch size with 1/8 overlap and the model's default decoding (as validation);
+    ``tile`` and ``overlap`` as the flags take them (:func:`window_options`)."""
+    tile, overlap = window_options(predictor, overrides.pop("tile", None), overrides.pop("overlap", None))
     decode = overrides.pop("decode", None) or predictor.default_decode
     if overrides.get("coarse_threshold") is None:
         overrides["coarse_threshold"] = coarse_threshold_for(predictor.spec)
-    opts = PredictOptions(tile=tile, overlap=tile // 8 if overlap is None else overlap, decode=decode, **overrides)
-    if opts.tile < 16 or not 0 <= opts.overlap < opts.tile or opts.batch < 1:
-        raise PredictError("--tile must be >= 16, --overlap in [0, tile), --batch >= 1")
+    if predictor.dims == 3:
+        overrides.setdefault("window", tile)  # hierseg evaluate scores 3D shards' blocks as validation does
+    opts = PredictOptions(tile=tile, overlap=overlap, decode=decode, **overrides)
+    _check_windows(opts, predictor.dims)
     if not 0.0 <= opts.fine_threshold <= 1.0:
         raise PredictError("--fine-threshold must be in [0, 1]")
     if not (0.0 <= opts.coarse_threshold <= 1.0 or opts.coarse_threshold == NO_COARSE):

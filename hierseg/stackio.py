@@ -2,9 +2,9 @@
 
 Why not :func:`hierseg.data.io.read_array`: it returns the whole array, which is right for building
 shards from labelled volumes but not for segmenting a 200 GB stack. Here each input exposes
-``shape`` (``[Z, H, W]``; a 2D image is a stack of one with ``is_2d``) and ``stack[z]``; each output
-accepts one slice at a time and writes it straight to disk (TIFF pages, ``.npy`` memory maps,
-chunked zarr/HDF5 datasets).
+``shape`` (``[Z, H, W]``; a 2D image is a stack of one with ``is_2d``), ``stack[z]`` and ``stack[z0:z1]``
+(the z slabs a 3D model reads); each output accepts one slice at a time and writes it straight to disk
+(TIFF pages, ``.npy`` memory maps, chunked zarr/HDF5 datasets).
 """
 
 from __future__ import annotations
@@ -41,7 +41,10 @@ class SliceStack:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def __getitem__(self, z: int) -> np.ndarray:
+    def __getitem__(self, z: int | slice) -> np.ndarray:
+        """Slice ``z`` (``[H, W]`` or ``[C, H, W]``), or the slices ``z0:z1`` stacked (a 3D model reads z slabs)."""
+        if isinstance(z, slice):
+            return self.read(z, slice(None), slice(None))
         try:
             return np.asarray(self._get(z))
         except StackError:
@@ -49,14 +52,18 @@ class SliceStack:
         except Exception as e:
             raise StackError(f"cannot read slice {z} of {self.name}: {type(e).__name__}: {e}") from None
 
-    def read(self, z: int, ys: slice, xs: slice) -> np.ndarray:
-        """Pixels ``[ys, xs]`` of slice ``z``; chunked formats read only the chunks they touch."""
+    def read(self, z: int | slice, ys: slice, xs: slice) -> np.ndarray:
+        """Pixels ``[ys, xs]`` of slice ``z``, or of the slices ``z`` (a slice) stacked ``[d, ...]``; chunked
+        formats read only the chunks they touch."""
         if self._crop is None:
+            if isinstance(z, slice):
+                return np.stack([self[i][..., ys, xs] for i in range(*z.indices(len(self)))])
             return self[z][..., ys, xs]
         try:
             return np.asarray(self._crop(z, ys, xs))
         except Exception as e:
-            raise StackError(f"cannot read slice {z} of {self.name}: {type(e).__name__}: {e}") from None
+            where = f"slice {z}" if isinstance(z, int) else f"slices {z.start}:{z.stop}"
+            raise StackError(f"cannot read {where} of {self.name}: {type(e).__name__}: {e}") from None
 
     def close(self) -> None:
         if self._closer is not None:

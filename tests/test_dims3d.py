@@ -20,6 +20,7 @@ from hierseg.model import UNet, UNetPlan, build_model, check_patch_size, plan_un
 from hierseg.spec import ModelSpec, SpecError, load_spec
 from tests.dist_utils import TinyNet, run_ranks
 from tests.plan_reference import PLAN_LUT, compute_losses_voxelwise, slices_of
+from tests.test_blockwise import ray_cluster  # noqa: F401  (the module's one private local Ray)
 from tests.test_partial_labels import SETS, TABLE, reference
 
 VNC_SSTEM_NM = [50.0, 4.6, 4.6]  # z (section thickness), y, x
@@ -688,15 +689,224 @@ def test_3d_checkpoint_spec_carries_the_manifest_voxel_size_and_rebuilds_the_net
     assert "not logged as an MLflow model nor registered" in out.stderr and "models:/" not in out.stdout
 
 
-def test_predict_with_a_3d_model_is_one_line_not_yet_supported(run3d, stack3d, tmp_path, capsys):
-    """hierseg predict with a 3D checkpoint exits 2 with one 'not yet supported' line and writes nothing."""
-    from hierseg.infer import main
+@pytest.mark.usefixtures("one_torch_thread")
+def test_predict_cli_writes_a_3d_checkpoint_into_ome_zarr(run3d, stack3d, tmp_path, capsys):
+    """predict a 3D checkpoint into out.ome.zarr: exit 0, one line, NGFF zyx + voxel size, values = one-shot windows."""
+    from hierseg.infer import block_input, decide, default_options, load_predictor, main, predict_probs
 
     _, out, run_dir = run3d
     assert out.returncode == 0, out.stderr[-3000:]
-    code = main(
-        ["--model", str(run_dir / "best"), "--input", str(stack3d / "img.npy"), "--output", str(tmp_path / "o")]
-    )
+    dst = tmp_path / "o.ome.zarr"
+    argv = ["--model", str(run_dir / "best"), "--input", str(stack3d / "img.npy"), "--output", str(dst), "--quiet"]
+    assert main([*argv, "--voxel-size", "40,10,10"]) == 0
+    said = capsys.readouterr().out.strip()
+    assert "\n" not in said and "wrote fine_labels" in said and "voxel size 40,10,10" in said
+    predictor = load_predictor(str(run_dir / "best"))
+    opts = default_options(predictor)
+    assert (opts.tile, opts.overlap) == ((4, 16, 16), (1, 2, 2))  # the training patch; 1/8, z at least 1 slice
+    volume = np.load(stack3d / "img.npy")
+    probs = predict_probs(predictor.model, block_input(volume, predictor.normalization, 1), opts)
+    want = decide(probs, predictor.hierarchy.lut(), opts, predictor.label_space)
+    nodes = _ome_nodes(dst)
+    assert [a["name"] for a in nodes[""].metadata["axes"]] == ["z", "y", "x"]
+    assert nodes[""].metadata["coordinateTransformations"] == [[{"type": "scale", "scale": VOXEL_NM}]]
+    got = {name: np.asarray(a[...]) for name, a in _arrays(dst).items()}
+    assert set(got) == set(want) and got["fine_labels"].shape == volume.shape
+    for name, value in want.items():
+        if value.dtype.kind == "f":
+            np.testing.assert_allclose(got[name], value.astype(np.float32), atol=1e-5, rtol=0, err_msg=name)
+        else:
+            assert np.array_equal(got[name], value), name
+
+
+# --------------------------------------------------------------------------------------------- 3D prediction
+@pytest.fixture
+def one_torch_thread():
+    """Predict on one torch thread, as each Ray worker does (CPU kernels round differently with 2); tiny 3D
+    windows also run many times faster on one thread than on two threads of a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _ome_nodes(path: Path) -> dict:
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    return {Path(n.zarr.path).relative_to(path).as_posix().strip("."): n for n in Reader(parse_url(str(path)))()}
+
+
+def _arrays(store: Path) -> dict:
+    import zarr
+
+    from hierseg.stackio import zarr_output_arrays
+
+    return zarr_output_arrays(zarr.open_group(str(store), mode="r"))
+
+
+class Pointwise(nn.Module):
+    """A 3D model of 1x1x1 convolutions: each voxel's output depends on that voxel only, so any tiling and
+    blending must give exactly the whole volume's probabilities (the blend weights sum out)."""
+
+    plan = plan_unet(0, 3)
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.hidden, self.fine, self.coarse = nn.Conv3d(1, 8, 1), nn.Conv3d(8, 12, 1), nn.Conv3d(8, 5, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.hidden(x)) * 4
+        return self.fine(h), [self.coarse(h)]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize(
+    "tile, overlap",
+    [((4, 16, 20), (1, 5, 3)), ((3, 17, 16), (0, 0, 6)), ((16, 16, 16), (2, 4, 4))],  # the last: z longer than D
+)
+def test_3d_tiled_prediction_equals_whole_volume_for_a_pointwise_model(tile, overlap):
+    """Blended non-dividing [z, y, x] windows (z longer than the volume: cut) = the whole volume's output, 1e-6."""
+    from hierseg.infer import PredictOptions, predict_probs, tile_grid
+
+    model = Pointwise().eval()
+    x_CDHW = torch.randn(1, 11, 37, 29, generator=torch.Generator().manual_seed(1))
+    opts = PredictOptions(tile=tile, overlap=overlap, batch=3)
+    window_S, starts = tile_grid(11, 37, 29, opts)
+    assert window_S == tuple(min(t, n) for t, n in zip(tile, (11, 37, 29))) and len(starts) > 8
+    with torch.no_grad():
+        fine, (coarse,) = model(x_CDHW[None])
+    whole = torch.cat([fine.softmax(1), coarse.sigmoid()], 1)[0]
+    torch.testing.assert_close(predict_probs(model, x_CDHW, opts), whole, atol=1e-6, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def model3d(tmp_path_factory) -> Path:
+    """An untrained 3D checkpoint (heads sharpened: near-ties everywhere), planned for 40 x 10 x 10 nm voxels."""
+    from tests.train_utils import untrained_checkpoint
+
+    folder = tmp_path_factory.mktemp("model3d") / "m"
+    return untrained_checkpoint(folder, 0, data={"patch_size": [3, 16, 16]}, dims=3, depth=2, base_channels=4,
+                                voxel_size=VOXEL_NM)  # fmt: skip
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_window_covering_the_volume_is_one_forward_pass(model3d):
+    """A 3D U-Net window covering the volume (cut to it) gives exactly the whole volume's forward pass."""
+    from hierseg.infer import PredictOptions, load_predictor, predict_probs
+
+    model = load_predictor(str(model3d)).model
+    x_CDHW = torch.randn(1, 2, 20, 30, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        fine, (coarse,) = model(x_CDHW[None])
+    got = predict_probs(model, x_CDHW, PredictOptions(tile=(8, 32, 32), overlap=(1, 4, 4)))
+    assert torch.equal(got, torch.cat([fine.softmax(1), coarse.sigmoid()], 1)[0])
+
+
+class RecordingStack:
+    """A [Z, H, W] reader (len, shape, [z0:z1]) that records every z range asked for and the furthest read."""
+
+    def __init__(self, volume: np.ndarray):
+        self.volume, self.shape, self.reads = volume, volume.shape, []
+
+    def __len__(self) -> int:
+        return len(self.volume)
+
+    def __getitem__(self, z: slice) -> np.ndarray:
+        assert isinstance(z, slice), "a 3D model reads z slabs, never single slices"
+        self.reads.append((z.start, z.stop))
+        return self.volume[z]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_z_slab_streamed_prediction_equals_one_shot_and_reads_bounded_z_ranges(model3d):
+    """z-slab streaming reads each slice once, <= 2 windows ahead; = one-shot (labels exact, probs 1e-5)."""
+    from hierseg.infer import PredictOptions, block_input, decide, load_predictor, predict_probs, predict_volume
+
+    predictor = load_predictor(str(model3d))
+    volume = np.random.default_rng(3).integers(0, 200, (13, 32, 28)).astype(np.uint8)
+    opts = PredictOptions(tile=(3, 16, 16), overlap=(1, 4, 4), batch=4)
+    stack, outs, ahead = RecordingStack(volume), [], []
+    for z, out in enumerate(predict_volume(predictor, stack, opts)):
+        ahead.append(max(stop for _, stop in stack.reads) - z)
+        outs.append(out)
+    assert [a for a, _ in stack.reads] == [0, *(b for _, b in stack.reads[:-1])] and stack.reads[-1][1] == 13
+    assert max(b - a for a, b in stack.reads) <= 2 * 3 and max(ahead) <= 2 * 3 and len(stack.reads) > 4
+    probs = predict_probs(predictor.model, block_input(volume, predictor.normalization, 1), opts)
+    want = decide(probs, predictor.hierarchy.lut(), opts, predictor.label_space)
+    for name, value in want.items():
+        got = np.stack([o[name] for o in outs], axis=1 if name == "coarse_prob" else 0)
+        if value.dtype.kind == "f":
+            np.testing.assert_allclose(got.astype(np.float32), value.astype(np.float32), atol=1e-5, err_msg=name)
+        else:
+            assert np.array_equal(got, value), name
+    assert len(np.unique(want["fine_labels"])) > 3  # near-ties: a numeric difference would show
+
+
+SHAPE3D, BLOCK3D = (7, 40, 44), "4,24,30"  # divides no side: 2 x 2 x 2 blocks, cut at every far edge
+FLAGS3D = ["--tile", "3,16,16", "--overlap", "1,4,4", "--batch", "3", "--device", "cpu", "--quiet"]
+
+
+@pytest.mark.usefixtures("ray_cluster", "one_torch_thread")
+def test_blockwise_3d_on_ray_equals_single_process_3d_predict(model3d, tmp_path):
+    """predict --ray of a 3D model (8 blocks, 2 workers) = single-process 3D predict (labels exact, probs 1e-5)."""
+    import zarr
+
+    from hierseg.blockwise import predict_blockwise
+    from hierseg.infer import main, parse_args
+    from tests.test_blockwise import _assert_same
+
+    ramp = np.linspace(0, 90, SHAPE3D[2])[None, None, :] + 8 * np.arange(SHAPE3D[0])[:, None, None]
+    vol = (np.random.default_rng(4).integers(0, 120, SHAPE3D) + ramp).astype(np.uint8)  # z-score matters
+    zarr.create_array(store=str(tmp_path / "vol.zarr"), data=vol, chunks=(2, 16, 16))
+    base = ["--model", str(model3d), "--input", str(tmp_path / "vol.zarr"), *FLAGS3D]
+    assert main([*base, "--output", str(tmp_path / "one.zarr")]) == 0
+    args = parse_args([*base, "--output", str(tmp_path / "bw.zarr"), "--ray", "--block", BLOCK3D, "--halo", "1,4,4"])
+    result = predict_blockwise(args)
+    assert (result.blocks, result.computed, result.voxels) == (8, 8, int(np.prod(SHAPE3D)))
+    _assert_same(tmp_path / "bw.zarr", tmp_path / "one.zarr", ("fine_labels", "fine_confidence", "coarse_prob",
+                                                               "fallback"))  # fmt: skip
+    root = zarr.open_group(str(tmp_path / "bw.zarr"), mode="r")
+    assert root["fine_labels"].chunks == (4, 24, 30) and root.attrs["hierseg_blockwise"]["tile"] == [3, 16, 16]
+    assert len(np.unique(root["fine_labels"][...])) > 3
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--tile", "3,8,8"], "--tile 3,8,8 --overlap 1,1,1 --batch 8: a 3D window needs y and x sides >= 16"),
+        (["--tile", "3,16"], "--tile 3,16: give one integer, or Z,Y,X"),
+        (["--overlap", "3,4,4"], "each overlap in [0, its side)"),
+        (["--ray", "--block", BLOCK3D, "--halo", "4,4"],
+         "--halo 0,4,4 is smaller than the window overlap 1,2,2 in z: the 3D windows blend over it; give at least "
+         "--halo 1,4,4"),
+        (["--ray", "--block", BLOCK3D, "--halo", "0,1,2"], "in z,y: the 3D windows"),
+    ],
+)  # fmt: skip
+def test_bad_3d_window_flags_are_one_line_errors(model3d, tmp_path, capsys, extra, message):
+    """Bad 3D --tile/--overlap, a --halo under the overlap in z: exit 2, one line with flag and fix, no output."""
+    from hierseg.infer import main
+
+    zarr_in = tmp_path / "vol.npy"
+    np.save(zarr_in, np.zeros((4, 40, 44), np.uint8))
+    out = tmp_path / "o.zarr"
+    assert main(["--model", str(model3d), "--input", str(zarr_in), "--output", str(out), "--quiet", *extra]) == 2
     err = capsys.readouterr().err.strip()
-    assert code == 2 and "3D model (model.dims 3): 3D prediction" in err and "not yet supported" in err
-    assert "\n" not in err and not (tmp_path / "o").exists()
+    assert message in err and "\n" not in err and not out.exists(), err
+
+
+def test_a_2d_model_refuses_a_3d_window_and_keeps_its_defaults(tmp_path, capsys):
+    """A 2D model with --tile Z,Y,X exits 2 naming the flag and one side; its default windows stay int."""
+    from hierseg.infer import default_options, load_predictor, main
+    from tests.train_utils import untrained_checkpoint
+
+    ckpt = untrained_checkpoint(tmp_path / "m2", 0)
+    np.save(tmp_path / "x.npy", np.zeros((2, 40, 40), np.uint8))
+    argv = ["--model", str(ckpt), "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "o"), "--quiet"]
+    assert main([*argv, "--tile", "3,48,48"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--tile 3,48,48 is a 3D window but the model is 2D; give one integer (e.g. --tile 48)" in err
+    opts = default_options(load_predictor(str(ckpt)))
+    assert (opts.tile, opts.overlap) == (64, 8)

@@ -68,16 +68,18 @@ def tiny_spec(shards: Path, work: Path, **sections: dict[str, Any]) -> dict[str,
     return spec
 
 
-def untrained_checkpoint(folder: Path, seed: int, **model: Any) -> Path:
+def untrained_checkpoint(folder: Path, seed: int, data: dict[str, Any] | None = None, **model: Any) -> Path:
     """A checkpoint folder ``load_predictor`` accepts: :func:`tiny_spec`'s model (``model`` overrides its
-    section), seeded and untrained, heads sharpened so that every fine class, coarse group and label value
-    occurs. Untrained, it has many near-ties, where argmax and float16 rounding show any numeric difference."""
+    section, ``data`` its data section: a 3D model's ``patch_size``), seeded and untrained, heads sharpened so
+    that every fine class, coarse group and label value occurs. Untrained, it has many near-ties, where argmax
+    and float16 rounding show any numeric difference."""
     import torch
 
     from hierseg.model import build_model
     from hierseg.spec import validate_spec
 
-    spec = validate_spec(tiny_spec(folder, folder, model=model, tracking={"uri": "sqlite:///never-opened.db"}))
+    sections = {"model": model, "data": data or {}, "tracking": {"uri": "sqlite:///never-opened.db"}}
+    spec = validate_spec(tiny_spec(folder, folder, **sections))
     torch.manual_seed(seed)
     net = build_model(spec.model, spec.hierarchy.build())
     with torch.no_grad():

@@ -345,17 +345,19 @@ def run_loop(job: Job) -> bool:
 
 
 def log_best_model(job: Job) -> str | None:
-    """The best checkpoint as the run's MLflow model; a 3D model is not logged yet (warning, never a failure).
+    """The best checkpoint as the run's MLflow model; a 3D model is not logged (warning, never a failure).
 
-    Why skipped: the logged pyfunc predicts through ``hierseg predict``'s 2D sliding window, and MLflow
-    runs it on an input example while logging; 3D prediction comes later. The checkpoint stays in ``best/``.
+    Why skipped: the logged pyfunc predicts 2D images through ``hierseg predict``'s 2D sliding window, and
+    MLflow runs it on an input example while logging. The checkpoint stays in ``best/``, and ``hierseg predict
+    --model <run folder>/best`` predicts with it in 3D windows.
     """
     if job.spec.model.dims == 3:
         if job.ctx.is_main:
             unregistered = " nor registered (tracking.registered_model)" if job.spec.tracking.registered_model else ""
             warnings.warn(
-                f"model.dims 3: the best checkpoint is not logged as an MLflow model{unregistered} (3D prediction is "
-                f"not yet supported); it is kept in {job.checkpoints.best_dir()}",
+                f"model.dims 3: the best checkpoint is not logged as an MLflow model{unregistered} (the logged model "
+                f"predicts 2D images); it is kept in {job.checkpoints.best_dir()}: hierseg predict --model that "
+                "folder predicts with it",
                 stacklevel=2,
             )
         return None
