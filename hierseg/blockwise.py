@@ -46,6 +46,7 @@ from hierseg.infer import (
     Predictor,
     _as_chw,
     block_input,
+    context_of,
     decide,
     default_options,
     in_channels_of,
@@ -227,6 +228,9 @@ def plan_job(args: argparse.Namespace) -> tuple[Job, Predictor]:
     model = args.model if args.model.startswith(("models:/", "runs:/")) else str(Path(args.model).absolute())
     label_map = str(Path(args.label_map).absolute()) if args.label_map else None
     predictor = load_job_predictor(model, tracking_uri, label_map)
+    if predictor.dims == 2 and context_of(predictor.model):
+        raise PredictError(f"--model {args.model} is a 2.5D model (+-{context_of(predictor.model)} slices as "
+                           "channels): it predicts without --ray for now")  # fmt: skip
     # as hierseg.infer.main; workers use a GPU only when --device names one
     opts = default_options(
         predictor, tile=args.tile, overlap=args.overlap, batch=args.batch,

@@ -248,9 +248,12 @@ def volume_batches(image: str, labels: str, label_map: Any, predictor: Predictor
         x = block_input(np.asarray(stack[0 : len(stack)]), predictor.normalization, in_channels_of(predictor.model))
         yield x[None], torch.from_numpy(mapped)[None]
         return
+    from hierseg.infer import context_of, slice_input
+
+    context = context_of(predictor.model)
     for z in range(len(stack)):
         mapped, _ = label_map.apply(lab[z], where=f"{labels} slice {z}")
-        x = normalize(np.asarray(stack[z]), predictor.normalization)
+        x = normalize(slice_input(stack, z, context), predictor.normalization)
         x = x[None] if x.ndim == 2 else x
         yield torch.from_numpy(x)[None], torch.from_numpy(mapped)[None]
 

@@ -428,6 +428,29 @@ def in_channels_of(model: torch.nn.Module) -> int:
     return model.stem[0].in_channels if hasattr(model, "stem") else 1
 
 
+def context_of(model: torch.nn.Module) -> int:
+    """The neighbouring slices on each side a 2D model takes as extra channels (2.5D, ``make-shards --context``).
+
+    Why from the input channels: EM slices have one channel, so a 2D model of ``2c + 1`` channels was trained on
+    slices ``z - c .. z + c``; the checkpoint records no other field for it.
+    """
+    channels = in_channels_of(model)
+    return (channels - 1) // 2 if channels > 1 and channels % 2 else 0
+
+
+def slice_input(volume: Any, z: int, context: int) -> np.ndarray:
+    """Raw slice ``z`` of a stack, or with ``context`` the slices ``z - context .. z + context`` stacked as channels
+    ``[2c + 1, H, W]``, clamped at the stack's ends exactly as the shard builder stores 2.5D samples."""
+    if not context:
+        return np.asarray(volume[z])
+    zs = np.clip(np.arange(z - context, z + context + 1), 0, len(volume) - 1)
+    slices = [np.asarray(volume[int(i)]) for i in zs]
+    if slices[0].ndim != 2:
+        raise PredictError(f"a 2.5D model (+-{context} slices as channels) needs single-channel slices; slice {z} "
+                           f"has shape {slices[0].shape}")  # fmt: skip
+    return np.stack(slices)
+
+
 def block_input(
     raw: np.ndarray, norm: dict[str, Any], channels: int, stats: Sequence[dict[str, float]] | None = None
 ) -> torch.Tensor:
@@ -553,15 +576,17 @@ def predict_volume(
     progress: bool = False,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Predict a ``[Z, H, W]`` stack slice by slice (any object with ``len`` and ``[z]``; for a 3D model also
-    ``shape`` and ``[z0:z1]``): a 2D model one slice at a time, memory one slice; a 3D model through 3D windows
-    in z slabs (:func:`predict_slabs`), memory one slab."""
+    ``shape`` and ``[z0:z1]``): a 2D model one slice at a time (a 2.5D one with its context slices as channels,
+    :func:`slice_input`), memory one slice; a 3D model through 3D windows in z slabs (:func:`predict_slabs`),
+    memory one slab."""
     from tqdm import tqdm
 
     opts = options or PredictOptions()
     if predictor.dims == 3:
         outputs = predict_slabs(predictor, volume, opts)
-    else:
-        outputs = (predictor.predict(np.asarray(volume[z]), opts) for z in range(len(volume)))
+    else:  # a 2.5D model reads each slice 2c + 1 times; the reader's chunks, not RAM, bound that
+        context = context_of(predictor.model)
+        outputs = (predictor.predict(slice_input(volume, z, context), opts) for z in range(len(volume)))
     yield from tqdm(outputs, total=len(volume), desc="predict", unit="slice", disable=not progress)
 
 

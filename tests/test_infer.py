@@ -222,3 +222,21 @@ def test_a_model_trained_without_coarse_term_is_not_restricted_by_its_random_coa
             model.coarse_heads[0].weight.copy_(saved)
     assert np.array_equal(out["fine_labels"], plain)
     assert (out["fallback"] < FALLBACK_GROUP_OFFSET).sum() + (out["fallback"] == UNDECIDED).sum() == img.size
+
+
+def test_a_25d_model_predicts_each_slice_from_its_clamped_neighbours(tmp_path: Path) -> None:
+    """2.5D (in_channels 3): slice z is predicted from slices z-1, z, z+1 as channels, clamped at the stack's ends."""
+    from hierseg.infer import load_predictor, predict_volume
+    from tests.train_utils import untrained_checkpoint
+
+    predictor = load_predictor(str(untrained_checkpoint(tmp_path / "m25", 0, in_channels=3)))
+    opts = PredictOptions(tile=64, overlap=16, batch=4)
+    vol = np.random.default_rng(0).integers(0, 255, size=(4, 80, 72), dtype=np.uint8)
+    outs = list(predict_volume(predictor, vol, opts))
+    by_hand = [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 3]]  # the shard builder's edge clamping, written out
+    for z, zs in enumerate(by_hand):
+        expected = predictor.predict(vol[zs], opts)
+        for name, value in expected.items():
+            np.testing.assert_array_equal(outs[z][name], value, err_msg=f"slice {z} {name}")
+    flat = load_predictor(str(untrained_checkpoint(tmp_path / "m2", 0)))
+    assert len(list(predict_volume(flat, vol, opts))) == 4  # a 1-channel model still reads single slices
