@@ -218,9 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
         if out is None:
-            for bulky in ("shards", "runs", "pred", "heldout", "mlflow.db", "mlartifacts"):
-                target = work / bulky
-                shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+            rd.drop_bulk(work)
     print(f"\nfigures: {work / 'results.json'}")
     return 0
 

@@ -449,6 +449,13 @@ def _finite(obj):
     return obj
 
 
+def drop_bulk(work: Path) -> None:
+    """Remove what a bench wrote into a temporary work folder but its figures and logs."""
+    for bulky in ("shards", "runs", "pred", "heldout", "mlflow.db", "mlruns", "mlartifacts"):
+        target = work / bulky
+        shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+
+
 def ray_env() -> dict[str, str]:
     """A fresh Ray temp folder per bench: ``ray.init()`` would otherwise join a stale local cluster."""
     env = dict(os.environ, RAY_TMPDIR=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
@@ -482,9 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
         if out is None:  # temporary work folder: keep the figures and logs, drop the bulk
-            for bulky in ("shards", "runs", "pred", "heldout", "mlflow.db", "mlruns", "mlartifacts"):
-                target = work / bulky
-                shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+            drop_bulk(work)
     print(f"\nfigures: {work / 'results.json'}")
     return 0
 
