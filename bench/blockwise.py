@@ -40,7 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hierseg.blockwise import DONE_ARRAY, BlockGrid, parse_shape  # noqa: E402
+from hierseg.serve.blockwise import DONE_ARRAY, BlockGrid, parse_shape  # noqa: E402
 from tests.train_utils import descendant_pids, untrained_checkpoint  # noqa: E402
 
 SUMMARY = re.compile(r"(\d+) of (\d+) blocks predicted \((\d+) were done\) in ([\d.]+) s")
@@ -196,7 +196,7 @@ def same_outputs(got: Path, want: Path) -> str:
     """``identical``, or what differs; slice by slice, so a big volume's outputs never load whole."""
     import zarr
 
-    from hierseg.stackio import zarr_output_arrays
+    from hierseg.serve.stackio import zarr_output_arrays
 
     a, b = (zarr_output_arrays(zarr.open_group(str(p), mode="r")) for p in (got, want))
     if set(a) != set(b):
@@ -215,7 +215,7 @@ def same_outputs(got: Path, want: Path) -> str:
 # -------------------------------------------------------------------------------------- scenarios
 CEILING_CHILD = """
 import sys, time, torch
-from hierseg.infer import load_predictor
+from hierseg.serve.infer import load_predictor
 torch.set_num_threads(1)
 model, x = load_predictor(sys.argv[1]).model, torch.randn(8, 1, 256, 256)
 with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Inference throughput: ``hierseg.infer.predict_volume`` vs a bare loop of the same model over the same tiles.
+"""Inference throughput: ``hierseg.serve.infer.predict_volume`` vs a bare loop of the same model over the same tiles.
 
 Why side by side: tiling, blending and the hierarchy decision must cost little next to the forward
 passes (target: within 15% of the bare loop). Also peak RSS of streamed prediction (npy memmap in,
@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hierseg.infer import PredictOptions, Predictor, predict_volume, tile_starts
 from hierseg.labels import Hierarchy
 from hierseg.model import UNet
+from hierseg.serve.infer import PredictOptions, Predictor, predict_volume, tile_starts
 
 
 def bare_loop(model: UNet, vol: np.ndarray, opts: PredictOptions) -> float:
@@ -45,7 +45,7 @@ def _child(args: argparse.Namespace) -> None:
     """Subprocess: stream a ``--mem-depth`` stack from a memmap into zarr; print peak RSS (MiB)."""
     import resource
 
-    from hierseg.stackio import open_input, open_output
+    from hierseg.serve.stackio import open_input, open_output
 
     torch.manual_seed(0)
     model = UNet(base_channels=args.channels, depth=args.unet_depth).eval()

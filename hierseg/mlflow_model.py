@@ -1,39 +1,11 @@
-"""MLflow "models from code" entry: the pyfunc of a hierseg checkpoint (no pickled Python objects).
+"""Old path of :mod:`hierseg.serve.mlflow_model`, kept for outside code: MLflow models logged before the move run
+``mlflow_model.py`` code that imports ``hierseg.pyfunc`` and ``hierseg.infer``, and users' scripts import these.
 
-``predict`` goes through :func:`hierseg.infer.predict_image` (tiles, blending, hierarchy-consistent
-labels), so ``mlflow.pyfunc.load_model(...).predict`` gives the same fine labels as ``hierseg predict``
-for images of any size, not only the training patch size.
+An alias, not a copy: this name IS the new module in ``sys.modules``, so monkeypatching either path patches both.
 """
 
-from __future__ import annotations
+import sys
 
-import mlflow
-import mlflow.pyfunc
-import numpy as np
+from hierseg.serve import mlflow_model as _moved
 
-from hierseg.pyfunc import CHECKPOINT_ARTIFACT
-
-
-class HiersegPyfunc(mlflow.pyfunc.PythonModel):
-    """Input: raw images ``[N, H, W]`` or ``[N, C, H, W]`` (pixel values as in the stack, any range; normalised
-    as the model was trained). Output: fine labels ``[N, H, W]`` int16, decoded as ``hierseg predict`` does."""
-
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        from hierseg.infer import default_options, load_predictor
-
-        self.predictor = load_predictor(context.artifacts[CHECKPOINT_ARTIFACT])
-        self.options = default_options(self.predictor)
-
-    # np.ndarray hints: MLflow validates the input type and keeps the explicit tensor signature we log
-    # (it infers no signature from an ndarray hint), instead of warning that the method has no hints.
-    def predict(
-        self, context: mlflow.pyfunc.PythonModelContext, model_input: np.ndarray, params: dict | None = None
-    ) -> np.ndarray:
-        x = np.asarray(model_input, dtype=np.float32)
-        if x.ndim == 2:
-            x = x[None]
-        labels = [self.predictor.predict(img, self.options)["fine_labels"] for img in x]
-        return np.stack(labels).astype(np.int16)
-
-
-mlflow.models.set_model(HiersegPyfunc())
+sys.modules[__name__] = _moved

@@ -148,7 +148,7 @@ class MlflowTracker:
 
         When MLflow does not answer in time the model goes to the offline record instead.
         """
-        from hierseg.pyfunc import log_checkpoint_model
+        from hierseg.serve.pyfunc import log_checkpoint_model
 
         if self.wait() and not self.offline:
             ok, result = bounded(
@@ -525,7 +525,7 @@ def _replay_entry(client: Any, uri: str, entry: dict[str, Any]) -> str:
             client.log_artifact(run_id, str(local), entry.get("artifact_path"))
         return f"artifacts {entry.get('artifact_path') or local.name}"
     if kind == "model":
-        from hierseg.pyfunc import log_checkpoint_model
+        from hierseg.serve.pyfunc import log_checkpoint_model
 
         spec = JobSpec.model_validate(entry["spec"])
         return f"model {log_checkpoint_model(uri, run_id, Path(entry['checkpoint']), spec)}"

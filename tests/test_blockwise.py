@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import torch
 
-from hierseg.blockwise import DONE_ARRAY, RECORD_ATTR, BlockwiseResult, predict_blockwise
-from hierseg.infer import main as predict_main
-from hierseg.infer import parse_args
+from hierseg.serve.blockwise import DONE_ARRAY, RECORD_ATTR, BlockwiseResult, predict_blockwise
+from hierseg.serve.infer import main as predict_main
+from hierseg.serve.infer import parse_args
 from tests.train_utils import ROOT, descendant_pids, untrained_checkpoint
 
 pytestmark = pytest.mark.timeout(240)
@@ -117,7 +117,7 @@ def _assert_same(got: Path, want: Path, names: tuple[str, ...] = (*ARRAYS, "labe
     """Equal outputs (OME-Zarr's float32 holds the plain store's float16 values, so floats compare as float32)."""
     import zarr
 
-    from hierseg.stackio import zarr_output_arrays
+    from hierseg.serve.stackio import zarr_output_arrays
 
     a, b = (zarr_output_arrays(zarr.open_group(str(p), mode="r")) for p in (got, want))
     for name in names:
@@ -132,7 +132,7 @@ def _assert_same(got: Path, want: Path, names: tuple[str, ...] = (*ARRAYS, "labe
 @pytest.mark.parametrize("block", [(17, 23), (64, 72), (150, 7), (150, 170)])
 def test_region_probs_equal_whole_slice(work: Path, block: tuple[int, int]) -> None:
     """Any block of a slice, through its part of the slice only, gets the whole slice's probabilities exactly."""
-    from hierseg.infer import PredictOptions, load_predictor, predict_probs, predict_region_probs, region_tiles
+    from hierseg.serve.infer import PredictOptions, load_predictor, predict_probs, predict_region_probs, region_tiles
 
     model = load_predictor(str(work / "model_a")).model
     image = torch.from_numpy(np.random.default_rng(1).standard_normal((1, *SHAPE[1:])).astype(np.float32))
@@ -295,7 +295,7 @@ def test_single_process_predict_writes_the_same_ome_zarr(work: Path, ome_blockwi
     """``predict`` without --ray: the same OME-Zarr layout, metadata and values (only the chunks differ)."""
     import zarr
 
-    from hierseg.omezarr import PATHS
+    from hierseg.serve.omezarr import PATHS
 
     args = _args(work, "single.ome.zarr", *LABEL_MAP, "--voxel-size", ",".join(map(str, VOXEL)))
     assert predict_main(args) == 0

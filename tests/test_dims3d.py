@@ -496,8 +496,8 @@ def test_3d_crop_stream_is_deterministic_per_seed_and_resumes_exactly(stack3d, n
 
 def _val_rank3d(rank: int, world: int, val_dir: str) -> dict:
     """One gloo rank: its share of the 3D validation blocks through 3D evaluation, counts all-reduced once."""
-    from hierseg.evaluate import run_eval, summarize
-    from hierseg.infer import PredictOptions
+    from hierseg.serve.evaluate import run_eval, summarize
+    from hierseg.serve.infer import PredictOptions
     from hierseg.spec import DataSpec
     from tests.data_helpers import digest, val_loader
 
@@ -677,7 +677,7 @@ def test_3d_run_scores_every_val_voxel_once(run3d, stack3d):
 
 def test_3d_checkpoint_spec_carries_the_manifest_voxel_size_and_rebuilds_the_network(run3d):
     """The manifest's voxel size is in the saved spec; model_from_state rebuilds that plan; no model is logged."""
-    from hierseg.pyfunc import model_from_state
+    from hierseg.serve.pyfunc import model_from_state
     from hierseg.train.checkpoint import load_state
 
     _, out, run_dir = run3d
@@ -692,7 +692,7 @@ def test_3d_checkpoint_spec_carries_the_manifest_voxel_size_and_rebuilds_the_net
 @pytest.mark.usefixtures("one_torch_thread")
 def test_predict_cli_writes_a_3d_checkpoint_into_ome_zarr(run3d, stack3d, tmp_path, capsys):
     """predict a 3D checkpoint into out.ome.zarr: exit 0, one line, NGFF zyx + voxel size, values = one-shot windows."""
-    from hierseg.infer import block_input, decide, default_options, load_predictor, main, predict_probs
+    from hierseg.serve.infer import block_input, decide, default_options, load_predictor, main, predict_probs
 
     _, out, run_dir = run3d
     assert out.returncode == 0, out.stderr[-3000:]
@@ -740,7 +740,7 @@ def _ome_nodes(path: Path) -> dict:
 def _arrays(store: Path) -> dict:
     import zarr
 
-    from hierseg.stackio import zarr_output_arrays
+    from hierseg.serve.stackio import zarr_output_arrays
 
     return zarr_output_arrays(zarr.open_group(str(store), mode="r"))
 
@@ -768,7 +768,7 @@ class Pointwise(nn.Module):
 )
 def test_3d_tiled_prediction_equals_whole_volume_for_a_pointwise_model(tile, overlap):
     """Blended non-dividing [z, y, x] windows (z longer than the volume: cut) = the whole volume's output, 1e-6."""
-    from hierseg.infer import PredictOptions, predict_probs, tile_grid
+    from hierseg.serve.infer import PredictOptions, predict_probs, tile_grid
 
     model = Pointwise().eval()
     x_CDHW = torch.randn(1, 11, 37, 29, generator=torch.Generator().manual_seed(1))
@@ -794,7 +794,7 @@ def model3d(tmp_path_factory) -> Path:
 @pytest.mark.usefixtures("one_torch_thread")
 def test_a_window_covering_the_volume_is_one_forward_pass(model3d):
     """A 3D U-Net window covering the volume (cut to it) gives exactly the whole volume's forward pass."""
-    from hierseg.infer import PredictOptions, load_predictor, predict_probs
+    from hierseg.serve.infer import PredictOptions, load_predictor, predict_probs
 
     model = load_predictor(str(model3d)).model
     x_CDHW = torch.randn(1, 2, 20, 30, generator=torch.Generator().manual_seed(2))
@@ -822,7 +822,7 @@ class RecordingStack:
 @pytest.mark.usefixtures("one_torch_thread")
 def test_z_slab_streamed_prediction_equals_one_shot_and_reads_bounded_z_ranges(model3d):
     """z-slab streaming reads each slice once, <= 2 windows ahead; = one-shot (labels exact, probs 1e-5)."""
-    from hierseg.infer import PredictOptions, block_input, decide, load_predictor, predict_probs, predict_volume
+    from hierseg.serve.infer import PredictOptions, block_input, decide, load_predictor, predict_probs, predict_volume
 
     predictor = load_predictor(str(model3d))
     volume = np.random.default_rng(3).integers(0, 200, (13, 32, 28)).astype(np.uint8)
@@ -853,8 +853,8 @@ def test_blockwise_3d_on_ray_equals_single_process_3d_predict(model3d, tmp_path)
     """predict --ray of a 3D model (8 blocks, 2 workers) = single-process 3D predict (labels exact, probs 1e-5)."""
     import zarr
 
-    from hierseg.blockwise import predict_blockwise
-    from hierseg.infer import main, parse_args
+    from hierseg.serve.blockwise import predict_blockwise
+    from hierseg.serve.infer import main, parse_args
     from tests.test_blockwise import _assert_same
 
     ramp = np.linspace(0, 90, SHAPE3D[2])[None, None, :] + 8 * np.arange(SHAPE3D[0])[:, None, None]
@@ -887,7 +887,7 @@ def test_blockwise_3d_on_ray_equals_single_process_3d_predict(model3d, tmp_path)
 )  # fmt: skip
 def test_bad_3d_window_flags_are_one_line_errors(model3d, tmp_path, capsys, extra, message):
     """Bad 3D --tile/--overlap, a --halo under the overlap in z: exit 2, one line with flag and fix, no output."""
-    from hierseg.infer import main
+    from hierseg.serve.infer import main
 
     zarr_in = tmp_path / "vol.npy"
     np.save(zarr_in, np.zeros((4, 40, 44), np.uint8))
@@ -899,7 +899,7 @@ def test_bad_3d_window_flags_are_one_line_errors(model3d, tmp_path, capsys, extr
 
 def test_a_2d_model_refuses_a_3d_window_and_keeps_its_defaults(tmp_path, capsys):
     """A 2D model with --tile Z,Y,X exits 2 naming the flag and one side; its default windows stay int."""
-    from hierseg.infer import default_options, load_predictor, main
+    from hierseg.serve.infer import default_options, load_predictor, main
     from tests.train_utils import untrained_checkpoint
 
     ckpt = untrained_checkpoint(tmp_path / "m2", 0)

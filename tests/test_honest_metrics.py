@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from hierseg.evaluate import summarize
-from hierseg.infer import PredictOptions, decide
 from hierseg.labels import FINE_CLASSES, Hierarchy, LabelSets, LabelSpace
 from hierseg.metrics import ConfusionMatrix, EvalMetrics
+from hierseg.serve.evaluate import summarize
+from hierseg.serve.infer import PredictOptions, decide
 
 MITO = FINE_CLASSES.index("mitochondria")
 GLIA, AXON = FINE_CLASSES.index("glia"), FINE_CLASSES.index("axon")
@@ -151,7 +151,7 @@ def test_logged_label_iou_equals_predict_then_by_hand(tmp_path: Path, capsys) ->
     for src in manifest["sources"]:
         (val_images / Path(src["image"]).name).symlink_to(src["image"])
     pred_dir = tmp_path / "pred"
-    from hierseg.infer import main as predict
+    from hierseg.serve.infer import main as predict
 
     assert predict(["--model", str(tmp_path / "runs" / "t" / "best"), "--input", str(val_images),
                     "--output", str(pred_dir), "--quiet"]) == 0  # fmt: skip
@@ -175,7 +175,7 @@ def test_logged_label_iou_equals_predict_then_by_hand(tmp_path: Path, capsys) ->
     # evaluate on a 0/1 mask with its own map: the by-hand IoU of that map; a map with other values gets a note
     mask = tmp_path / "mask.tif"
     tifffile.imwrite(mask, np.where(labels == 255, 255, (labels == MITO).astype(np.uint8)))
-    from hierseg.evaluate import main as evaluate
+    from hierseg.serve.evaluate import main as evaluate
 
     def evaluated(mapping: str) -> tuple[float, str]:
         (tmp_path / "m.yaml").write_text(f"mapping:\n{mapping}  255: uncertain\n")

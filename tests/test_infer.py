@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from hierseg.infer import FALLBACK_GROUP_OFFSET, UNDECIDED, PredictOptions, predict_image, predict_probs
 from hierseg.labels import Hierarchy
+from hierseg.serve.infer import FALLBACK_GROUP_OFFSET, UNDECIDED, PredictOptions, predict_image, predict_probs
 from tests.registry_helpers import promote_champion, trained
 
 pytestmark = pytest.mark.timeout(300)
@@ -23,7 +23,7 @@ VNC = Path(__file__).resolve().parents[2] / "shared" / "data" / "vnc_sstem"
 
 @pytest.fixture(scope="module")
 def model():
-    from hierseg.pyfunc import model_from_checkpoint
+    from hierseg.serve.pyfunc import model_from_checkpoint
 
     return model_from_checkpoint(trained().checkpoints[0])[0]
 
@@ -71,7 +71,7 @@ def test_multi_tile_blending_is_close_to_whole(model) -> None:
 
 def test_synthetic_stack_outputs_consistent() -> None:
     from hierseg.data.synth import synth_stack
-    from hierseg.infer import load_predictor, predict_volume
+    from hierseg.serve.infer import load_predictor, predict_volume
 
     vol = np.asarray(synth_stack(seed=0, depth=3, size=96)[0])
     opts = PredictOptions(tile=64, overlap=16, batch=4, fine_threshold=0.6, coarse_threshold=0.4)
@@ -82,7 +82,7 @@ def test_synthetic_stack_outputs_consistent() -> None:
 
 
 def _predict(*args: str) -> int:
-    from hierseg.infer import main
+    from hierseg.serve.infer import main
 
     return main(["--tracking-uri", trained().uri, "--quiet", *args])
 
@@ -156,7 +156,7 @@ def test_predict_errors_exit_2(tmp_path: Path, capsys) -> None:
 def test_evaluate_shards_matches_training_validation(capsys) -> None:
     from mlflow.tracking import MlflowClient
 
-    from hierseg.evaluate import main
+    from hierseg.serve.evaluate import main
 
     t = trained()
     assert main(["--model", f"runs:/{t.run_ids[0]}/model", "--tracking-uri", t.uri, "--shards",
@@ -178,7 +178,7 @@ def test_evaluate_labelled_volume_table(tmp_path: Path, capsys) -> None:
     import tifffile
     from PIL import Image
 
-    from hierseg.evaluate import main
+    from hierseg.serve.evaluate import main
 
     raw = np.stack([tifffile.imread(VNC / "raw" / f"{i:02d}.tif")[:96, :96] for i in range(2)])
     lab = np.stack([np.asarray(Image.open(VNC / "labels" / f"labels000000{i:02d}.png"))[:96, :96] for i in range(2)])
@@ -198,7 +198,7 @@ def test_evaluate_labelled_volume_table(tmp_path: Path, capsys) -> None:
 
 def test_a_model_trained_without_coarse_term_is_not_restricted_by_its_random_coarse_head(model) -> None:
     """lambda_coarse 0: default decoding is the plain 12-way argmax and the fallback holds no group."""
-    from hierseg.infer import COARSE_CONFIDENT, NO_COARSE, Predictor, default_options
+    from hierseg.serve.infer import COARSE_CONFIDENT, NO_COARSE, Predictor, default_options
     from hierseg.spec import validate_spec
     from tests.train_utils import tiny_spec
 
@@ -226,7 +226,7 @@ def test_a_model_trained_without_coarse_term_is_not_restricted_by_its_random_coa
 
 def test_a_25d_model_predicts_each_slice_from_its_clamped_neighbours(tmp_path: Path) -> None:
     """2.5D (in_channels 3): slice z is predicted from slices z-1, z, z+1 as channels, clamped at the stack's ends."""
-    from hierseg.infer import load_predictor, predict_volume
+    from hierseg.serve.infer import load_predictor, predict_volume
     from tests.train_utils import untrained_checkpoint
 
     predictor = load_predictor(str(untrained_checkpoint(tmp_path / "m25", 0, in_channels=3)))

@@ -200,7 +200,7 @@ def test_metrics_set_accuracy_and_group_confusion() -> None:
     assert c[0].tolist() == [[0, 3], [0, 1]]
     assert int(c[1].sum()) == 2 and int(c[4].sum()) == 2  # glia|ecs straddles glia and non_tissue: skipped
     assert int(c[3].sum()) == 4  # organelle: mito inside, glia|ecs and neuron_part disjoint
-    from hierseg.evaluate import summarize
+    from hierseg.serve.evaluate import summarize
 
     s = summarize(m, Hierarchy.default())
     assert s["val/set_accuracy/glia_or_ecs"] == 0.5 and s["val/set_accuracy/not_mito"] == 0.0

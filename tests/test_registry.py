@@ -73,8 +73,8 @@ def test_named_runs_and_version(capsys) -> None:
 
 
 def test_load_back_through_alias_matches_checkpoint() -> None:
-    from hierseg.infer import load_model
-    from hierseg.pyfunc import model_from_checkpoint
+    from hierseg.serve.infer import load_model
+    from hierseg.serve.pyfunc import model_from_checkpoint
 
     uri, t = promote_champion(), trained()
     model, spec = load_model(uri, t.uri)

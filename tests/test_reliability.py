@@ -428,7 +428,7 @@ def test_logged_model_has_type_hints_and_example_so_mlflow_does_not_warn(tmp_pat
     import warnings
 
     from hierseg.model import build_model
-    from hierseg.pyfunc import log_checkpoint_model
+    from hierseg.serve.pyfunc import log_checkpoint_model
 
     spec = validate_spec(tiny_spec(tmp_path, tmp_path, model={"base_channels": 8, "depth": 2}))
     model = build_model(spec.model, spec.hierarchy.build())
@@ -533,7 +533,7 @@ def test_label_map_duplicate_keys_and_colour_npy_are_refused(tmp_path):
 
     from hierseg.data.io import read_array
     from hierseg.data.labelmap import LabelMap
-    from hierseg.stackio import StackError, open_input
+    from hierseg.serve.stackio import StackError, open_input
 
     (tmp_path / "map.yaml").write_text("mapping:\n  3: axon\n  6: myelin\n  3: myelin\n")
     with pytest.raises(ValueError, match=r"map\.yaml.*duplicate key 3"):

@@ -3,8 +3,9 @@
 A checkpoint is a directory holding ``state.pt`` (model, optimizer, scheduler, step, RNG states,
 per-rank loader positions, best metric, resolved spec, MLflow run id). It is written under a
 temporary name, fsynced, and renamed, so a crash never leaves a half-written checkpoint that looks
-whole. Loading uses ``weights_only=True``; a file that does not load is one :class:`CheckpointError`
-naming it and the fix (never torch's advice to load with ``weights_only=False``).
+whole. Loading (:mod:`hierseg.checkpoint_io`, shared with serving) uses ``weights_only=True``; a file
+that does not load is one :class:`CheckpointError` naming it and the fix (never torch's advice to load
+with ``weights_only=False``).
 
 Permissions follow the umask: ``mkstemp``/``mkdtemp`` create 0600/0700, which would lock colleagues
 out of checkpoints on a lab's shared storage, so every file and folder written here is chmod-ed to
@@ -15,25 +16,21 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import shutil
 import tempfile
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-STATE_FILE = "state.pt"
+# reading lives with serving's code, which must not import training; re-exported here for training
+from hierseg.checkpoint_io import STATE_FILE, CheckpointError, load_state
+
 INDEX_FILE = "checkpoints.json"
 CHECKPOINT_PREFIX = "checkpoint_"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint (or its index) that cannot be used; the message names the file and the fix."""
 
 
 # ------------------------------------------------------------------------------------------ umask
@@ -84,32 +81,6 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 def atomic_write_text(text: str, path: Path) -> None:
     _atomic_write(path, lambda f: f.write(text), "w")
-
-
-# ------------------------------------------------------------------------------------------ loading
-def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint directory or ``state.pt`` file with ``weights_only=True``."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / STATE_FILE
-    if not p.is_file():
-        raise CheckpointError(f"no checkpoint at {path} (expected a directory with {STATE_FILE} or the file)")
-    try:
-        state = torch.load(p, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        # torch's own message recommends weights_only=False, i.e. running the file's code: never repeat it.
-        raise CheckpointError(
-            f"{p}: holds pickled Python objects, which hierseg checkpoints never contain and hierseg will not "
-            "load; use a checkpoint written by hierseg train (or its best/ folder)"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{p}: truncated or corrupt checkpoint ({type(e).__name__}); delete this checkpoint folder "
-            "(training then resumes from the previous one) or copy it again from where it came from"
-        ) from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointError(f"{p}: not a hierseg checkpoint (no model weights); use one written by hierseg train")
-    return state
 
 
 # ------------------------------------------------------------------------------------------ RNG

@@ -26,16 +26,15 @@ import torch.distributed as dist
 from hierseg.data.loader import check_shard_dims, check_shard_indexes, read_manifest, resolve_shards
 from hierseg.data.synth import ensure_synthetic
 from hierseg.fsutil import probe_writable
+
+# shared with blockwise prediction, which must not import training (PreflightError is re-exported from here)
+from hierseg.raycluster import PreflightError, check_ray_address, pin_ray_to_loopback, ray_address
 from hierseg.spec import JobSpec
 from hierseg.tracking import check_tracking_uri, end_run, run_is_open, set_offline_record, start_run
 from hierseg.train.checkpoint import atomic_write_text, follow_umask
 from hierseg.train.checkpointer import OFFLINE_RECORD, check_resumable, run_dir
 from hierseg.train.context import close_context, init_context
 from hierseg.train.loop import train_worker
-
-
-class PreflightError(ValueError):
-    """The job cannot start: missing shards, unreachable tracking store, ..."""
 
 
 def _absolute(url: str) -> str:
@@ -284,27 +283,6 @@ def _ray_train_log_level() -> str:
 RAY_TRAIN_LOG_LEVEL_ENV = "HIERSEG_RAY_TRAIN_LOG_LEVEL"
 
 
-def ray_address() -> str | None:
-    """The cluster to join: ``RAY_ADDRESS`` (set by ``ray job submit`` and ``--ray-address``), else None."""
-    return os.environ.get("RAY_ADDRESS") or None
-
-
-def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
-    """A ``host:port`` (or ``ray://host:port``) nobody answers at fails now, naming it, not after Ray's
-    minutes of GCS retries. ``auto`` and other forms are left to Ray."""
-    body = address.removeprefix("ray://")
-    host, sep, port = body.rpartition(":")
-    if not sep or not port.isdigit() or "/" in body:
-        return
-    try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
-    except OSError as e:
-        raise PreflightError(
-            f"RAY_ADDRESS={address}: no Ray cluster answers there ({e.strerror or e}); start it (ray start --head "
-            "--node-ip-address=127.0.0.1), fix the address, or unset RAY_ADDRESS to train on a new local cluster"
-        ) from None
-
-
 def init_ray(spec: JobSpec) -> None:
     """Join ``RAY_ADDRESS`` if set, else start a private local cluster bound to 127.0.0.1."""
     import ray
@@ -317,7 +295,7 @@ def init_ray(spec: JobSpec) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     check_local_gpu(spec)
-    _pin_ray_to_loopback()
+    pin_ray_to_loopback()
     # address="local": never join "the latest cluster" recorded in Ray's temp folder (maybe dead, maybe someone
     # else's); _node_ip_address: GCS, raylet and workers listen on loopback, not the machine's address.
     ray.init(address="local", _node_ip_address="127.0.0.1", log_to_driver=True,
@@ -348,24 +326,6 @@ def local_cluster_process_setup() -> None:
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
     if not debug_requested():
         logging.getLogger(client.__name__).addFilter(lambda record: record.levelno >= logging.ERROR)
-
-
-RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-def _pin_ray_to_loopback() -> None:
-    """Make the embedded cluster bind to 127.0.0.1.
-
-    Why: Ray 2.60 turns ``_node_ip_address="127.0.0.1"`` (and ``ray start --node-ip-address=127.0.0.1``) into
-    the machine's address (``services.resolve_ip_for_localhost``) unless its multi-node "cluster" mode is
-    off, which is what this variable switches (Ray's default on Windows/macOS). Off, the GCS, raylet and
-    workers listen on loopback only. The variable reaches the processes Ray starts; the constant covers
-    this process, which may have imported Ray already.
-    """
-    os.environ[RAY_LOOPBACK_ENV] = "0"
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def check_local_gpu(spec: JobSpec) -> None:

@@ -20,12 +20,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from hierseg.data.loader import build_train_loader, build_val_loader
 from hierseg.data.sources import DataSources, resolve_sources
-from hierseg.evaluate import run_eval, run_eval_sources, summarize, summarize_sources
-from hierseg.infer import PredictOptions, coarse_threshold_for
 from hierseg.labels import NUM_FINE_CLASSES, Hierarchy, LabelSets, LabelSpace
 from hierseg.losses import LossTerms, hierarchical_loss
 from hierseg.metrics import EvalMetrics, all_reduce_metrics
 from hierseg.model import UNet, build_model, num_parameters
+from hierseg.serve.evaluate import run_eval, run_eval_sources, summarize, summarize_sources
+from hierseg.serve.infer import PredictOptions, coarse_threshold_for
 from hierseg.spec import JobSpec
 from hierseg.tracking import MlflowTracker, NullTracker
 from hierseg.train.checkpoint import rng_state, set_rng_state

@@ -9,9 +9,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
 
-from hierseg.evaluate import EvalSample
 from hierseg.labels import FINE_CLASSES, Hierarchy
 from hierseg.metrics import EvalMetrics
+from hierseg.serve.evaluate import EvalSample
 
 # 12 class colours, then a 13th for uncertain (shown, never scored).
 _COLORS = [
