@@ -1,7 +1,8 @@
 """Real-data quality side by side: hierseg through its own CLIs vs a bare PyTorch loop (issue 14, item 4).
 
     python bench/realdata.py [--quick] [--datasets srf,vnc] [--seeds 0,1,2] [--steps N] [--batch B]
-        [--patch P] [--base-channels C] [--depth D] [--hierseg-set KEY=VALUE ...] [--out DIR]
+        [--patch P] [--base-channels C] [--depth D] [--hierseg-set KEY=VALUE ...] [--predict-arg=FLAG ...]
+        [--rescore] [--out DIR]
 
 What it measures, per data set, per class and per seed, on the same split and the same work:
 
@@ -32,6 +33,11 @@ Full mode (defaults): both data sets, 3 seeds, 537 steps x batch 8 of 256 px (4,
 base 16 / depth 4: several hours on 2 cores. ``--quick``: srf_tem, seed 0, 40 steps x 8 of 128 px,
 base 8 / depth 3, about 5 minutes. Work goes to a temporary folder (kept: ``results.json`` and
 ``logs/``; the bulky shards, runs and predictions are removed) or to ``--out DIR`` (all kept).
+
+Prediction ablations: ``--predict-arg=--tta`` (repeatable) passes flags to hierseg's ``predict``;
+``--rescore --out DIR`` reuses the runs an earlier bench left in ``DIR`` (same data sets, seeds and
+sizes), trains nothing, predicts and scores them again into ``DIR/rescore.json`` (patches/s from the
+earlier training logs; the bare loop, deterministic, retrains unless ``--sides hierseg``).
 """
 
 from __future__ import annotations
@@ -110,6 +116,8 @@ class Config:
     depth: int
     quick: bool
     hierseg_set: list[str] = field(default_factory=list)
+    predict_args: list[str] = field(default_factory=list)  # extra flags of hierseg's predict (e.g. --tta)
+    rescore: bool = False  # reuse an earlier bench's trained runs in --out: predict and score only
     sides: tuple[str, ...] = ("hierseg", "bare")  # an ablation may rerun hierseg alone
 
 
@@ -287,22 +295,35 @@ def hierseg_rate(log: str, work: Path, run_name: str) -> float:
 
 def run_hierseg(ds: DataSet, cfg: Config, spec: Path, seed: int, work: Path, env: dict, held_dir: Path) -> dict:
     name = f"{ds.key}_s{seed}"
-    for own in (work / "runs" / name, work / "pred" / name):  # the bench's own outputs of an earlier run
-        shutil.rmtree(own, ignore_errors=True)
-    cmd = [sys.executable, str(ROOT / "jobs" / "train.py"), "--spec", str(spec), "--launcher", "ray"]
-    for kv in ["run.num_workers=2", f"run.seed={seed}", f"run.name={name}", *cfg.hierseg_set]:
-        cmd += ["--set", kv]
-    t0 = time.perf_counter()
-    log = run_cli(f"train_{name}", cmd, work, env)
-    train_s = time.perf_counter() - t0
+    if cfg.rescore:
+        log, train_s = _earlier_training(work, name)
+    else:
+        for own in (work / "runs" / name, work / "pred" / name):  # the bench's own outputs of an earlier run
+            shutil.rmtree(own, ignore_errors=True)
+        cmd = [sys.executable, str(ROOT / "jobs" / "train.py"), "--spec", str(spec), "--launcher", "ray"]
+        for kv in ["run.num_workers=2", f"run.seed={seed}", f"run.name={name}", *cfg.hierseg_set]:
+            cmd += ["--set", kv]
+        t0 = time.perf_counter()
+        log = run_cli(f"train_{name}", cmd, work, env)
+        train_s = time.perf_counter() - t0
     pred_dir = work / "pred" / name
     cmd = [sys.executable, str(ROOT / "jobs" / "predict.py"), "--model", str(work / "runs" / name / "best")]
-    run_cli(f"predict_{name}", [*cmd, "--input", str(held_dir), "--output", str(pred_dir), "--quiet"], work, env)
+    cmd += ["--input", str(held_dir), "--output", str(pred_dir), "--quiet", "--overwrite", *cfg.predict_args]
+    run_cli(f"predict_{name}", cmd, work, env)
     import tifffile
 
     fine = np.asarray(tifffile.imread(pred_dir / "fine_labels.tif"))
     fine = fine[None] if fine.ndim == 2 else fine
     return {"fine": fine, "patches_per_s": hierseg_rate(log, work, name), "wall_s": train_s}
+
+
+def _earlier_training(work: Path, name: str) -> tuple[str, float]:
+    """``--rescore``: the training log an earlier bench run left for ``name`` in ``work``."""
+    log, best = work / "logs" / f"train_{name}.log", work / "runs" / name / "best"
+    if not (log.is_file() and best.exists()):
+        raise BenchError(f"--rescore: no earlier run {name} in {work} ({log} and {best} are needed); "
+                         "train it first without --rescore")  # fmt: skip
+    return log.read_text(), math.nan  # not trained in this run: no training time to report
 
 
 # ------------------------------------------------------------------------------------------- bare
@@ -419,6 +440,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path | None]:
         ap.add_argument(f"--{flag.replace('_', '-')}", type=int, help=f"default {FULL[flag]} ({QUICK[flag]} quick)")
     ap.add_argument("--hierseg-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra --set for hierseg's train.py (ablations), repeatable")  # fmt: skip
+    ap.add_argument("--predict-arg", action="append", default=[], metavar="FLAG",
+                    help="extra flag for hierseg's predict, repeatable; write --predict-arg=--tta")  # fmt: skip
+    ap.add_argument("--rescore", action="store_true",
+                    help="with --out: reuse that folder's trained hierseg runs, predict and score only")  # fmt: skip
     ap.add_argument("--sides", default="hierseg,bare",
                     help="comma list of hierseg,bare (an ablation reruns one side; a claim needs both)")  # fmt: skip
     ap.add_argument("--out", type=Path, help="work folder to keep (default: a temporary folder)")
@@ -427,12 +452,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path | None]:
     pick = {k: getattr(args, k) if getattr(args, k) is not None else base[k] for k in FULL}
     cfg = Config([d.strip() for d in pick.pop("datasets").split(",") if d.strip()],
                  [int(s) for s in pick.pop("seeds").split(",")], **pick, quick=args.quick,
-                 hierseg_set=args.hierseg_set,
+                 hierseg_set=args.hierseg_set, predict_args=args.predict_arg, rescore=args.rescore,
                  sides=tuple(s.strip() for s in args.sides.split(",") if s.strip()))  # fmt: skip
     if unknown := set(cfg.datasets) - set(DATASETS):
         ap.error(f"unknown data set(s) {sorted(unknown)}; choose from {', '.join(DATASETS)}")
     if not cfg.sides or set(cfg.sides) - {"hierseg", "bare"}:
         ap.error(f"--sides takes hierseg and/or bare, not {args.sides!r}")
+    if cfg.rescore and args.out is None:
+        ap.error("--rescore needs --out: the work folder of the earlier run whose models it scores again")
     if cfg.batch % 2:
         ap.error("--batch must be even: hierseg splits it over its 2 workers")
     return cfg, args.out
@@ -471,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     work = (out or Path(tempfile.mkdtemp(prefix="hierseg-bench-realdata-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
     env = ray_env()
+    figures = "rescore.json" if cfg.rescore else "results.json"  # a rescore keeps the earlier run's figures
     results: dict = {"config": asdict(cfg), "work": str(work), "datasets": {}}
     print(f"[bench] work folder {work}; {os.cpu_count()} cores", flush=True)
     try:
@@ -480,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[bench] {ds.title}: skipped, {DATA / ds.folder} is absent")
                 continue
             results["datasets"][key] = run_dataset(ds, cfg, work, env)
-            (work / "results.json").write_text(json.dumps(_finite(results), indent=1) + "\n")
+            (work / figures).write_text(json.dumps(_finite(results), indent=1) + "\n")
         for key, result in results["datasets"].items():
             print_dataset(DATASETS[key], cfg, result)
     except BenchError as e:
@@ -490,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
         if out is None:  # temporary work folder: keep the figures and logs, drop the bulk
             drop_bulk(work)
-    print(f"\nfigures: {work / 'results.json'}")
+    print(f"\nfigures: {work / figures}")
     return 0
 
 

@@ -81,6 +81,42 @@ def test_synthetic_stack_outputs_consistent() -> None:
         _check_outputs(out, vol.shape[1:], opts)
 
 
+def _views_by_hand(model: torch.nn.Module, x_CS: np.ndarray) -> np.ndarray:
+    """Mean over the 8 turns/mirror images of the y-x plane of the model's probabilities, each turned back."""
+    total = 0
+    for turns in range(4):
+        for mirror in (False, True):
+            view = np.rot90(x_CS, turns, axes=(-2, -1))
+            view = view[..., ::-1] if mirror else view
+            with torch.no_grad():
+                lf, lc = model(torch.from_numpy(view.copy())[None])
+            probs = torch.cat([lf.softmax(1), *(c.sigmoid() for c in lc)], 1)[0].numpy()
+            probs = probs[..., ::-1] if mirror else probs
+            total = total + np.rot90(probs, -turns, axes=(-2, -1))
+    return total / 8
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_tta_is_the_mean_of_the_eight_plane_views_turned_back(model, dims) -> None:
+    """--tta: probabilities = the mean over the 8 symmetries of the y-x plane (numpy by hand), 2D and 3D windows."""
+    from hierseg.model import build_model
+    from hierseg.spec import ModelSpec
+
+    rng = np.random.default_rng(7)
+    if dims == 3:  # a non-square window in y-x, so a quarter turn transposes it
+        torch.manual_seed(0)
+        net = build_model(ModelSpec(dims=3, depth=2, base_channels=4, voxel_size=[40.0, 10.0, 10.0]),
+                          Hierarchy.default()).eval()  # fmt: skip
+        x_CS, opts = rng.random((1, 4, 24, 40), dtype=np.float32), dict(tile=(4, 24, 40), overlap=(0, 0, 0))
+    else:
+        net, x_CS, opts = model, rng.random((1, 40, 56), dtype=np.float32), dict(tile=64, overlap=16)
+    want = _views_by_hand(net, x_CS)
+    got = predict_probs(net, torch.from_numpy(x_CS), PredictOptions(batch=2, tta=True, **opts)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    plain = predict_probs(net, torch.from_numpy(x_CS), PredictOptions(batch=2, **opts)).numpy()
+    assert np.abs(plain - want).max() > 1e-4  # the model is not symmetric: the views do change the result
+
+
 def _predict(*args: str) -> int:
     from hierseg.serve.infer import main
 
@@ -125,6 +161,15 @@ def test_predict_formats_roundtrip(tmp_path: Path) -> None:
     assert tifffile.imread(tmp_path / "d" / "fine_labels.tif").shape == (40, 52)
     assert np.array_equal(tifffile.imread(tmp_path / "d" / "fine_labels.tif"), h5_labels)
     assert np.load(tmp_path / "d" / "coarse_prob.npy").shape == (5, 40, 52)
+    # --tta reaches the windows: the CLI writes what the 8-view options give for the same image
+    from hierseg.serve.infer import default_options, load_predictor
+
+    assert _predict("--model", ckpt, "--input", str(tmp_path / "one.png"), "--output", str(tmp_path / "t"),
+                    "--tta") == 0  # fmt: skip
+    predictor = load_predictor(ckpt)
+    want = predictor.predict(vol[0], default_options(predictor, tta=True))["coarse_prob"]
+    np.testing.assert_array_equal(np.load(tmp_path / "t" / "coarse_prob.npy"), want)
+    assert not np.array_equal(want, np.load(tmp_path / "d" / "coarse_prob.npy"))
 
 
 def test_predict_errors_exit_2(tmp_path: Path, capsys) -> None:
@@ -159,6 +204,7 @@ def test_evaluate_shards_matches_training_validation(capsys) -> None:
     from hierseg.serve.evaluate import main
 
     t = trained()
+    capsys.readouterr()  # run alone, this test trains the shared model first: its progress is not the report
     assert main(["--model", f"runs:/{t.run_ids[0]}/model", "--tracking-uri", t.uri, "--shards",
                  str(t.shards_val), "--format", "json"]) == 0  # fmt: skip
     rep = json.loads(capsys.readouterr().out)

@@ -236,7 +236,7 @@ def plan_job(args: argparse.Namespace) -> tuple[Job, Predictor]:
         predictor, tile=args.tile, overlap=args.overlap, batch=args.batch,
         decode=args.decode or ("labels" if args.label_map else None),
         fine_threshold=args.fine_threshold, coarse_threshold=args.coarse_threshold,
-        device=args.device or "cpu", amp=not args.no_amp,
+        device=args.device or "cpu", amp=not args.no_amp, tta=args.tta,
     )  # fmt: skip
     if opts.decode == "labels" and not predictor.label_space:
         raise PredictError("--decode labels needs the model's training label map; use --decode fine")  # as decide
@@ -283,6 +283,8 @@ def job_record(job: Job, predictor: Predictor) -> dict[str, Any]:
         "coarse_groups": list(predictor.hierarchy.levels[0].group_names),
         "label_values": [[v.code, list(v.members)] for v in space.values] if opts.decode == "labels" else None,
         "voxel_size": job.voxel.record() if job.voxel else None,  # OME-Zarr metadata: another one is refused
+        # only when on, so a store written before --tta existed still resumes
+        **({"tta": True} if opts.tta else {}),
     }
 
 

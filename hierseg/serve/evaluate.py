@@ -133,7 +133,8 @@ def _block_probs(model: torch.nn.Module, image_CDHW: torch.Tensor, device: torch
         raise ValueError("scoring a 3D block needs PredictOptions.window (the 3D training patch size [z, y, x])")
     autocast = autocast_for(options, device)
     for box in block_windows(tuple(image_CDHW.shape[1:]), options.window):
-        yield box, window_probs(model, image_CDHW[(slice(None), *box)][None].to(device), autocast)[0].cpu()
+        x_BCS = image_CDHW[(slice(None), *box)][None].to(device)
+        yield box, window_probs(model, x_BCS, autocast, options.tta)[0].cpu()
 
 
 def _plot_section(image_CS: torch.Tensor, label_S: torch.Tensor, pred_S: torch.Tensor, coarse_KS: torch.Tensor):
@@ -359,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         predictor = load_predictor(args.model, args.tracking_uri)
         sets, space, lmap = _labels_of(args, predictor)
         opts = default_options(predictor, tile=args.tile, overlap=args.overlap, batch=args.batch,
-                               decode=args.decode, coarse_threshold=NO_COARSE if args.raw else None)  # fmt: skip
+                               decode=args.decode, coarse_threshold=NO_COARSE if args.raw else None,
+                               tta=args.tta)  # fmt: skip
         num_labels = NUM_FINE_CLASSES + len(sets)
         batches = (shard_batches(args.shards, predictor, num_labels) if args.shards
                    else volume_batches(args.image, args.labels, lmap, predictor))  # fmt: skip

@@ -92,6 +92,10 @@ class PredictOptions:
     device: str | None = None  # None: cuda when available, else cpu
     amp: bool = True  # bf16 autocast on GPU (never on CPU)
     decode: str = "fine"  # "fine" or "labels" (see the module doc)
+    tta: bool = False
+    """Test-time augmentation: average each window's probabilities over the 8 quarter turns and mirror images
+    of its y-x plane (:func:`window_probs`), for 8x the compute. Held-out srf_tem IoU +0.001 to +0.005
+    (bench/README.md); off by default because whole-volume prediction is the expensive step."""
     window: tuple[int, ...] | None = None
     """3D models, validation only: score a ``[D, H, W]`` block in non-overlapping windows of at most this
     ``[z, y, x]`` (:func:`block_windows`) instead of blended sliding windows (``tile``, ``overlap``)."""
@@ -294,7 +298,7 @@ def blend_slabs(
         x.grow_to(top, read)
         tiles = [x.at(starts[i], window_S, lo_S) for i in run]
         tiles += tiles[-1:] * (size - len(run))  # pad to the whole-volume batch size; the extra results are dropped
-        probs_BPS = window_probs(model, torch.stack(tiles).to(device), ctx)
+        probs_BPS = window_probs(model, torch.stack(tiles).to(device), ctx, options.tta)
         if acc is None:
             acc = _Rows(box[0], probs_BPS.new_zeros(probs_BPS.shape[1], 0, *rest_S))
             weight = _Rows(box[0], window.new_zeros(1, 0, *rest_S))
@@ -339,8 +343,29 @@ def autocast_for(options: PredictOptions, device: torch.device) -> Any:
     return torch.autocast("cuda", dtype=torch.bfloat16) if options.amp and device.type == "cuda" else nullcontext()
 
 
-def window_probs(model: torch.nn.Module, x_BCS: torch.Tensor, autocast: Any) -> torch.Tensor:
-    """``[B, 12 + sum K, *S]`` probabilities of a batch of windows: softmax fine, then every level's sigmoids."""
+PLANE_VIEWS = tuple((turns, mirror) for turns in range(4) for mirror in (False, True))
+"""The 8 symmetries of the y-x plane (the dihedral group of the square): ``(quarter turns, mirror x)``. EM
+sections have no preferred orientation, and training augments with exactly these (rot90 + flips)."""
+
+
+def window_probs(model: torch.nn.Module, x_BCS: torch.Tensor, autocast: Any, tta: bool = False) -> torch.Tensor:
+    """``[B, 12 + sum K, *S]`` probabilities of a batch of windows: softmax fine, then every level's sigmoids.
+
+    ``tta``: the mean over :data:`PLANE_VIEWS` of the probabilities of each view, each mapped back to the
+    window's orientation (the last two axes are y and x in 2D and 3D alike; a non-square window turns into a
+    transposed one, which the U-Net takes as well)."""
+    if not tta:
+        return _forward_probs(model, x_BCS, autocast)
+    total = None
+    for turns, mirror in PLANE_VIEWS:
+        view = torch.rot90(x_BCS, turns, (-2, -1))
+        probs = _forward_probs(model, view.flip(-1) if mirror else view, autocast)
+        probs = torch.rot90(probs.flip(-1) if mirror else probs, -turns, (-2, -1))
+        total = probs if total is None else total + probs
+    return total / len(PLANE_VIEWS)
+
+
+def _forward_probs(model: torch.nn.Module, x_BCS: torch.Tensor, autocast: Any) -> torch.Tensor:
     with autocast:
         logits_fine, logits_coarse = model(x_BCS)
     return torch.cat([logits_fine.float().softmax(1), *(lc.float().sigmoid() for lc in logits_coarse)], 1)
@@ -709,6 +734,9 @@ def add_tiling_args(ap: argparse.ArgumentParser) -> None:
                          "same fraction of the z side, at least 1 slice "
                          "(see hierseg.serve.infer.z_overlap)")  # fmt: skip
     ap.add_argument("--batch", type=int, default=8, help="tiles per forward pass")
+    ap.add_argument("--tta", action="store_true",
+                    help="test-time augmentation: average over the 8 turns and mirror images of each window's "
+                         "y-x plane (8x the compute)")  # fmt: skip
     ap.add_argument("--decode", choices=["fine", "labels"], default=None,
                     help="fine: 12-way argmax; labels: in the training label map's values "
                          "(default: labels for a model trained with label sets)")  # fmt: skip
@@ -814,7 +842,7 @@ def main(argv: list[str] | None = None) -> int:
             predictor, tile=args.tile, overlap=args.overlap, batch=args.batch,
             decode=args.decode or ("labels" if args.label_map else None),
             fine_threshold=args.fine_threshold, coarse_threshold=args.coarse_threshold, device=args.device,
-            amp=not args.no_amp,
+            amp=not args.no_amp, tta=args.tta,
         )  # fmt: skip
         predictor.model = predictor.model.to(_device_of(opts))
         k, group_names = predictor.hierarchy.num_groups[0], tuple(predictor.hierarchy.levels[0].group_names)
@@ -828,6 +856,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     names = [*OUTPUT_NAMES, "label_values"] if labels else OUTPUT_NAMES
     groups = ", ".join(f"{FALLBACK_GROUP_OFFSET + i}={g}" for i, g in enumerate(group_names))
-    print(f"hierseg predict: wrote {', '.join(names)} to {args.output} (decode {opts.decode}; fallback: 0..11 fine, "
-          f"{groups}, {UNDECIDED}=undecided){voxel_note(args.output, voxel)}")  # fmt: skip
+    tta = ", tta 8 views" if opts.tta else ""
+    print(f"hierseg predict: wrote {', '.join(names)} to {args.output} (decode {opts.decode}{tta}; fallback: "
+          f"0..11 fine, {groups}, {UNDECIDED}=undecided){voxel_note(args.output, voxel)}")  # fmt: skip
     return 0
