@@ -3,7 +3,8 @@
     RAY_TMPDIR=... python -m tests._rel_ray_init
 
 Plants a ``ray_current_cluster`` file naming a dead GCS (what a killed ``ray start --head`` leaves), starts
-Ray the way ``jobs/train.py`` does, and prints the addresses the cluster's nodes and GCS listen on.
+Ray the way ``jobs/train.py`` does, and prints the addresses the cluster's nodes and GCS listen on and the
+niceness of this process and of a worker.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ def main() -> int:
 
     init_ray(spec)
     nodes = [n["NodeManagerAddress"] for n in ray.nodes()]
-    print(json.dumps({"nodes": nodes, "gcs": ray.get_runtime_context().gcs_address}), flush=True)
+    seen = {"nodes": nodes, "gcs": ray.get_runtime_context().gcs_address, "nice": os.nice(0)}
+    seen["worker_nice"] = ray.get(ray.remote(lambda: os.nice(0)).remote())
+    print(json.dumps(seen), flush=True)
     ray.shutdown()
     return 0
 
