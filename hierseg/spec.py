@@ -267,7 +267,7 @@ class ModelSpec(_Strict):
     """Spatial dimensions: 2 (slices or tiles; 2.5D context as channels) or 3 (a 3D U-Net on ``[z, y, x]``
     crops of 3D shards from ``make-shards --stack --dims 3``, ``data.patch_size`` then a list of three sides).
     3D models train, validate and predict (``hierseg predict`` in blended ``[z, y, x]`` windows, ``--ray`` too);
-    the logged MLflow model is 2D only (a 3D run keeps its best checkpoint in the run folder)."""
+    a 3D run's logged MLflow model predicts one ``[D, H, W]`` volume."""
     voxel_size: list[PositiveFloat] | None = None
     """Voxel size ``[z, y, x]`` in nm that plans the 3D network (``dims: 3`` only): an axis is pooled, and
     convolved across, only while its spacing is under twice the finest (nnU-Net's rule), so coarse-z stacks

@@ -676,7 +676,7 @@ def test_3d_run_scores_every_val_voxel_once(run3d, stack3d):
 
 
 def test_3d_checkpoint_spec_carries_the_manifest_voxel_size_and_rebuilds_the_network(run3d):
-    """The manifest's voxel size is in the saved spec; model_from_state rebuilds that plan; no model is logged."""
+    """The manifest's voxel size is in the saved spec; model_from_state rebuilds that plan."""
     from hierseg.serve.pyfunc import model_from_state
     from hierseg.train.checkpoint import load_state
 
@@ -686,7 +686,34 @@ def test_3d_checkpoint_spec_carries_the_manifest_voxel_size_and_rebuilds_the_net
         assert state["spec"]["model"]["voxel_size"] == VOXEL_NM and state["patch_size"] == [4, 16, 16]
         model, _ = model_from_state(state)
         assert model.plan == plan_unet(2, 3, VOXEL_NM) != plan_unet(2, 3, None)
-    assert "not logged as an MLflow model nor registered" in out.stderr and "models:/" not in out.stdout
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_3d_run_registers_a_pyfunc_that_predicts_the_fine_labels_hierseg_predict_writes(run3d, stack3d, tmp_path):
+    """models:/tiny3d@alias of the 3D run: [D, H, W] signature, card; predict(volume) = predict CLI's fine_labels."""
+    import mlflow
+    import tifffile
+    from mlflow.tracking import MlflowClient
+
+    from hierseg.serve.infer import main
+
+    spec, out, run_dir = run3d
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "model logged: models:/tiny3d/1" in out.stdout
+    uri = spec["tracking"]["uri"]
+    MlflowClient(uri).set_registered_model_alias("tiny3d", "champion", "1")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    pyfunc = mlflow.pyfunc.load_model("models:/tiny3d@champion")
+    assert pyfunc.metadata.get_input_schema().inputs[0].shape == (-1, -1, -1)
+    assert pyfunc.metadata.metadata["hierseg"]["patch_size"] == [4, 16, 16]
+    volume = np.load(stack3d / "img.npy")
+    got = pyfunc.predict(volume.astype(np.float32))
+    argv = ["--model", str(run_dir / "best"), "--input", str(stack3d / "img.npy"), "--output", str(tmp_path / "p")]
+    assert main([*argv, "--quiet"]) == 0
+    want = tifffile.imread(tmp_path / "p" / "fine_labels.tif")
+    assert got.dtype == np.int16 and got.shape == volume.shape == want.shape
+    assert np.array_equal(got, want)
 
 
 @pytest.mark.usefixtures("one_torch_thread")

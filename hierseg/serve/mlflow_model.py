@@ -1,8 +1,11 @@
 """MLflow "models from code" entry: the pyfunc of a hierseg checkpoint (no pickled Python objects).
 
-``predict`` goes through :func:`hierseg.serve.infer.predict_image` (tiles, blending, hierarchy-consistent
-labels), so ``mlflow.pyfunc.load_model(...).predict`` gives the same fine labels as ``hierseg predict``
-for images of any size, not only the training patch size.
+``predict`` goes through ``hierseg predict``'s own path with its defaults for the model
+(:func:`hierseg.serve.infer.default_options`): a 2D model's images through
+:func:`hierseg.serve.infer.predict_image` (tiles, blending, hierarchy-consistent labels), a 3D model's volume
+through :func:`hierseg.serve.infer.predict_volume` (blended ``[z, y, x]`` windows of the training patch). So
+``mlflow.pyfunc.load_model(...).predict`` gives the same fine labels as ``hierseg predict`` for inputs of any
+size, not only the training patch size.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from hierseg.serve.pyfunc import CHECKPOINT_ARTIFACT
 
 
 class HiersegPyfunc(mlflow.pyfunc.PythonModel):
-    """Input: raw images ``[N, H, W]`` or ``[N, C, H, W]`` (pixel values as in the stack, any range; normalised
-    as the model was trained). Output: fine labels ``[N, H, W]`` int16, decoded as ``hierseg predict`` does."""
+    """Input (raw values as in the stack, any range; normalised as the model was trained): a 2D model's images
+    ``[N, H, W]`` or ``[N, C, H, W]``, a 3D model's volume ``[D, H, W]`` (``[D, C, H, W]`` for a multi-channel
+    one). Output: fine labels int16, ``[N, H, W]`` or ``[D, H, W]``, decoded as ``hierseg predict`` does."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         from hierseg.serve.infer import default_options, load_predictor
@@ -30,9 +34,23 @@ class HiersegPyfunc(mlflow.pyfunc.PythonModel):
         self, context: mlflow.pyfunc.PythonModelContext, model_input: np.ndarray, params: dict | None = None
     ) -> np.ndarray:
         x = np.asarray(model_input, dtype=np.float32)
+        if self.predictor.dims == 3:
+            return self._predict_volume(x)
         if x.ndim == 2:
             x = x[None]
         labels = [self.predictor.predict(img, self.options)["fine_labels"] for img in x]
+        return np.stack(labels).astype(np.int16)
+
+    def _predict_volume(self, volume: np.ndarray) -> np.ndarray:
+        """A 3D model's fine labels of one volume, slice by slice as ``hierseg predict`` writes them."""
+        from hierseg.serve.infer import PredictError, in_channels_of, predict_volume
+
+        channels = in_channels_of(self.predictor.model)
+        if volume.ndim != (3 if channels == 1 else 4):
+            want = "[D, H, W]" if channels == 1 else f"[D, {channels}, H, W]"
+            raise PredictError(f"model_input of shape {list(volume.shape)}: a 3D model with {channels} input "
+                               f"channel(s) predicts one volume {want}; pass volumes one at a time")  # fmt: skip
+        labels = [out["fine_labels"] for out in predict_volume(self.predictor, volume, self.options)]
         return np.stack(labels).astype(np.int16)
 
 

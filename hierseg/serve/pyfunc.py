@@ -49,6 +49,24 @@ def model_card(spec: JobSpec, state: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def input_shape_and_example(spec: JobSpec) -> tuple[tuple[int, ...], np.ndarray]:
+    """The pyfunc's input tensor shape (``-1``: any size) and its all-zero input example, by ``model.dims``.
+
+    2D: images ``[N, C, H, W]``. 3D: one volume ``[D, H, W]`` (``[D, C, H, W]`` for a multi-channel model, as
+    :func:`hierseg.serve.infer.block_input` takes slices). Sides stay variable because predict slides windows
+    (``hierseg predict``'s, cut to a smaller input). The example is small, each side at most
+    ``_EXAMPLE_SIDE`` (a 3D one: the training patch so capped), because MLflow stores it and predicts on it
+    once while logging.
+    """
+    channels = spec.model.in_channels
+    if spec.model.dims == 2:
+        return (-1, channels, -1, -1), np.zeros((1, channels, _EXAMPLE_SIDE, _EXAMPLE_SIDE), np.float32)
+    depth, height, width = (min(int(side), _EXAMPLE_SIDE) for side in spec.data.patch_size)
+    if channels == 1:
+        return (-1, -1, -1), np.zeros((depth, height, width), np.float32)
+    return (-1, channels, -1, -1), np.zeros((depth, channels, height, width), np.float32)
+
+
 def log_checkpoint_model(uri: str, run_id: str, checkpoint: Path, spec: JobSpec) -> str | None:
     """Log ``checkpoint`` as the run's model; register it if ``tracking.registered_model`` is set.
 
@@ -63,10 +81,10 @@ def log_checkpoint_model(uri: str, run_id: str, checkpoint: Path, spec: JobSpec)
 
     state = load_state(checkpoint)
     card = model_card(spec, state)
-    # any image size: pyfunc predict tiles (hierseg.serve.infer.predict_image), so H and W stay variable (-1)
+    input_shape, example = input_shape_and_example(spec)
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.model.in_channels, -1, -1))]),
-        outputs=Schema([TensorSpec(np.dtype(np.int16), (-1, -1, -1))]),
+        inputs=Schema([TensorSpec(np.dtype(np.float32), input_shape)]),
+        outputs=Schema([TensorSpec(np.dtype(np.int16), (-1, -1, -1))]),  # [N, H, W] in 2D, [D, H, W] in 3D
     )
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
@@ -75,8 +93,7 @@ def log_checkpoint_model(uri: str, run_id: str, checkpoint: Path, spec: JobSpec)
             python_model=str(Path(__file__).with_name("mlflow_model.py")),  # models-from-code: nothing pickled
             artifacts={CHECKPOINT_ARTIFACT: str(Path(checkpoint) / STATE_FILE)},
             signature=signature,
-            # a small all-zero image: MLflow stores it and checks once that the model predicts on it
-            input_example=np.zeros((1, spec.model.in_channels, _EXAMPLE_SIDE, _EXAMPLE_SIDE), np.float32),
+            input_example=example,
             pip_requirements=[f"hierseg=={__version__}", f"torch>={torch.__version__.split('+')[0]}"],
             metadata={"hierseg": card},
         )

@@ -11,7 +11,6 @@ import math
 import signal
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -345,22 +344,11 @@ def run_loop(job: Job) -> bool:
 
 
 def log_best_model(job: Job) -> str | None:
-    """The best checkpoint as the run's MLflow model; a 3D model is not logged (warning, never a failure).
+    """The best checkpoint as the run's MLflow model (registered when ``tracking.registered_model`` is set).
 
-    Why skipped: the logged pyfunc predicts 2D images through ``hierseg predict``'s 2D sliding window, and
-    MLflow runs it on an input example while logging. The checkpoint stays in ``best/``, and ``hierseg predict
-    --model <run folder>/best`` predicts with it in 3D windows.
+    2D and 3D alike: the logged pyfunc predicts as ``hierseg predict`` does with the model's defaults
+    (:mod:`hierseg.serve.mlflow_model`), images for a 2D model, one ``[D, H, W]`` volume for a 3D one.
     """
-    if job.spec.model.dims == 3:
-        if job.ctx.is_main:
-            unregistered = " nor registered (tracking.registered_model)" if job.spec.tracking.registered_model else ""
-            warnings.warn(
-                f"model.dims 3: the best checkpoint is not logged as an MLflow model{unregistered} (the logged model "
-                f"predicts 2D images); it is kept in {job.checkpoints.best_dir()}: hierseg predict --model that "
-                "folder predicts with it",
-                stacklevel=2,
-            )
-        return None
     return job.tracker.log_model(job.checkpoints.best_dir(), job.spec)
 
 
