@@ -6,6 +6,7 @@ import ast
 from pathlib import Path
 
 SERVE = Path(__file__).resolve().parents[1] / "hierseg" / "serve"
+DATA = SERVE.parent / "data"
 
 
 def _imported(tree: ast.AST) -> list[str]:
@@ -20,16 +21,27 @@ def _imported(tree: ast.AST) -> list[str]:
     return names
 
 
-def test_serve_never_imports_train():
-    files = sorted(SERVE.glob("*.py"))
-    assert len(files) > 5, f"{SERVE}: serving modules not found"
-    bad = [
+def _imports_of(package: Path, forbidden: str) -> list[str]:
+    """``file: module`` for every import of ``forbidden`` (or a module under it) in ``package``'s files."""
+    files = sorted(package.glob("*.py"))
+    assert len(files) > 5, f"{package}: modules not found"
+    return [
         f"{path.name}: {name}"
         for path in files
         for name in _imported(ast.parse(path.read_text(), filename=str(path)))
-        if name == "hierseg.train" or name.startswith("hierseg.train.")
+        if name == forbidden or name.startswith(forbidden + ".")
     ]
+
+
+def test_serve_never_imports_train():
+    bad = _imports_of(SERVE, "hierseg.train")
     assert not bad, f"hierseg/serve must not import hierseg.train: {bad}"
+
+
+def test_data_never_imports_serve():
+    """The one volume reader lives in hierseg.data, which serving imports: the other way round would be a cycle."""
+    bad = _imports_of(DATA, "hierseg.serve")
+    assert not bad, f"hierseg/data must not import hierseg.serve: {bad}"
 
 
 def test_old_module_paths_are_the_moved_modules():

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from hierseg.cli import int_at_least
-from hierseg.data.io import file_sha256, list_images, read_array, split_source
+from hierseg.data.io import file_sha256, list_images, open_input, read_array, split_source
 from hierseg.data.labelmap import LabelMap, histogram, set_histogram
 from hierseg.data.normalize import IntensitySummary, image_stats, storage_array
 from hierseg.fsutil import check_folder_path, probe_writable
@@ -644,10 +644,12 @@ def _plan(args: argparse.Namespace) -> tuple[list[Source], Any, dict[str, Any]]:
 
 
 def _stack_depth(src: Source, axis: int) -> int:
-    arr = read_array(src.image)
-    if arr.ndim != 3:
-        raise ValueError(f"--stack: {src.image} has shape {arr.shape}, not a 3D stack")
-    return arr.shape[axis]
+    """The depth along ``axis``, from the lazy reader's shape: nothing of the stack is read."""
+    stack = open_input(src.image)
+    stack.close()
+    if stack.is_2d:
+        raise ValueError(f"--stack: {src.image} has shape {stack.shape[1:]}, not a 3D stack")
+    return stack.shape[axis]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from hierseg.data.io import VoxelSize
 from hierseg.serve.infer import (
     PredictError,
     PredictOptions,
@@ -55,7 +56,6 @@ from hierseg.serve.infer import (
     predict_region_probs,
     region_tiles,
 )
-from hierseg.serve.omezarr import VoxelSize
 
 RECORD_ATTR = "hierseg_blockwise"
 DONE_ARRAY = "block_done"

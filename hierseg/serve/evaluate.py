@@ -233,9 +233,8 @@ def shard_batches(url: str, predictor: Predictor, num_labels: int) -> Any:
 
 def volume_batches(image: str, labels: str, label_map: Any, predictor: Predictor) -> Iterator[tuple[torch.Tensor, ...]]:
     """Slices of a labelled volume; label values go through the label map (default: identity, 255 uncertain)."""
-    from hierseg.data.io import read_array
+    from hierseg.data.io import open_input, read_array
     from hierseg.data.normalize import normalize
-    from hierseg.serve.stackio import open_input
 
     stack = open_input(image)
     lab = read_array(labels)

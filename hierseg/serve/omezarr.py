@@ -1,4 +1,4 @@
-"""OME-Zarr (NGFF 0.5 on zarr v3): prediction outputs that napari and neuroglancer open, and input voxel sizes.
+"""OME-Zarr (NGFF 0.5 on zarr v3): prediction outputs that napari and neuroglancer open, and their voxel sizes.
 
 Asked for by an output path ending in ``.ome.zarr`` (plain ``.zarr`` stays the flat store it was). The NGFF
 metadata is written by ome-zarr-py (``write_multiscales_metadata``, ``write_label_metadata``) and read back by its
@@ -16,14 +16,16 @@ and let many workers fill them chunk by chunk, which the library's own ``write_i
 
 Why float32 where the plain store has float16: neuroglancer cannot read float16 zarr arrays; the values are
 the same float16 ones, widened. One resolution level only: a pyramid would need the whole volume written
-before its first downsampling, and viewers open a single level fine.
+before its first downsampling, and viewers open a single level fine. Reading OME-Zarr inputs (finding an image's
+full resolution and voxel size) is the one reader's, :func:`hierseg.data.io.find_image`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from hierseg.data.io import StackError, VoxelSize
 
 SUFFIX = ".ome.zarr"
 MARKER_ATTR = "hierseg_output"
@@ -37,25 +39,12 @@ TOP_ENTRIES = ("0", "coarse_prob", "labels")
 VIEWER_DTYPES = {"float16": "float32"}
 
 
-@dataclass(frozen=True)
-class VoxelSize:
-    """Physical size of one voxel along z, y, x (``[Y, X]`` for a 2D image), with each axis's NGFF unit."""
-
-    scale: tuple[float, ...]
-    units: tuple[str | None, ...]
-
-    def record(self) -> dict[str, list[Any]]:
-        return {"scale": list(self.scale), "units": list(self.units)}
-
-
 def is_ome_output(output: str | Path) -> bool:
     return str(output).rstrip("/").endswith(SUFFIX)
 
 
 def parse_voxel_size(text: str) -> VoxelSize:
     """``--voxel-size Z,Y,X`` in nanometres (EM's unit) -> :class:`VoxelSize`; a ``StackError`` naming the flag."""
-    from hierseg.serve.stackio import StackError
-
     try:
         scale = tuple(float(p) for p in text.split(","))
     except ValueError:
@@ -67,8 +56,6 @@ def parse_voxel_size(text: str) -> VoxelSize:
 
 def output_voxel_size(flag: str | None, from_input: VoxelSize | None, output: str) -> VoxelSize | None:
     """The voxel size an output records: ``--voxel-size`` when given, else the input's (an OME-Zarr input's scale)."""
-    from hierseg.serve.stackio import StackError
-
     if flag and not is_ome_output(output):
         raise StackError(f"--voxel-size is recorded in OME-Zarr outputs only; give --output ending in {SUFFIX} "
                          "or drop --voxel-size")  # fmt: skip
@@ -83,62 +70,6 @@ def voxel_note(output: str, voxel: VoxelSize | None) -> str:
         return "; OME-Zarr with voxel size 1 (unknown: pass --voxel-size Z,Y,X in nm)"
     size = ",".join(f"{v:g}" for v in voxel.scale)
     return f"; OME-Zarr, voxel size {size} {voxel.units[-1] or '(no unit)'}"
-
-
-# ------------------------------------------------------------------------------------------ input
-def find_image(path: Path, inner: str | None) -> tuple[str, VoxelSize] | None:
-    """An OME-Zarr image at ``path[:inner]``: (the array to read, its voxel size); None for anything else.
-
-    ``inner`` may name the image group (its full resolution is read), one of its levels, or be absent.
-    """
-    parts = [p for p in (inner or "").split("/") if p]
-    for group_parts, level in ((parts, None), (parts[:-1], parts[-1] if parts else None)):
-        found = _image_level(path.joinpath(*group_parts), level)
-        if found is not None:
-            array, voxel = found
-            return "/".join([*group_parts, array]), voxel
-    return None
-
-
-def _image_level(group: Path, level: str | None) -> tuple[str, VoxelSize] | None:
-    """Level ``level`` (default: the first, full resolution) of the multiscales image at ``group``, if it is one."""
-    from ome_zarr.io import parse_url
-    from ome_zarr.reader import Multiscales, Node
-
-    loc = _quietly(parse_url, str(group)) if group.is_dir() else None
-    if loc is None or not Multiscales.matches(loc):
-        return None
-    node = Node(loc, [])
-    spec = next(s for s in node.specs if isinstance(s, Multiscales))
-    index = 0 if level is None else spec.datasets.index(level) if level in spec.datasets else None
-    if index is None:
-        return None
-    axes = node.metadata["axes"]
-    names = "".join(str(a["name"]) for a in axes)
-    if names not in ("zyx", "yx"):
-        raise ValueError(f"{group} is an OME-Zarr image with axes {','.join(names)}; hierseg reads a [Z, Y, X] or "
-                         f"[Y, X] image: give one channel and time point as its own array")  # fmt: skip
-    scale = [1.0] * len(axes)
-    transforms = (node.metadata.get("coordinateTransformations") or [None] * (index + 1))[index] or []
-    whole = loc.root_attrs["multiscales"][0].get("coordinateTransformations") or []  # applies to every level
-    for t in [*transforms, *whole]:
-        if t.get("type") == "scale":
-            scale = [a * float(b) for a, b in zip(scale, t["scale"])]
-    return spec.datasets[index], VoxelSize(tuple(scale), tuple(a.get("unit") for a in axes))
-
-
-def _quietly(func: Any, *args: Any) -> Any:
-    """``func(*args)`` with ome-zarr's io logger at ERROR: it warns "version mismatch" on every NGFF 0.4
-    (zarr v2) image it is asked to open, which is no problem here."""
-    import logging
-
-    logger = logging.getLogger("ome_zarr.io")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        return func(*args)
-    finally:
-        logger.setLevel(level)
 
 
 # ----------------------------------------------------------------------------------------- output

@@ -1,10 +1,8 @@
-"""Slice-streaming readers and writers for prediction, so stacks larger than RAM never load whole.
+"""Prediction's output sinks, which write slice by slice so stacks larger than RAM never load whole; the inputs
+are :mod:`hierseg.data.io`'s one lazy reader (re-exported here: ``open_input``, ``SliceStack``, ``StackError``).
 
-Why not :func:`hierseg.data.io.read_array`: it returns the whole array, which is right for building
-shards from labelled volumes but not for segmenting a 200 GB stack. Here each input exposes
-``shape`` (``[Z, H, W]``; a 2D image is a stack of one with ``is_2d``), ``stack[z]`` and ``stack[z0:z1]``
-(the z slabs a 3D model reads); each output accepts one slice at a time and writes it straight to disk
-(TIFF pages, ``.npy`` memory maps, chunked zarr/HDF5 datasets).
+Each output accepts one slice at a time and writes it straight to disk (TIFF pages, ``.npy`` memory maps,
+chunked zarr/HDF5 datasets).
 """
 
 from __future__ import annotations
@@ -18,156 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hierseg.data.io import IMAGE_SUFFIXES, check_not_colour, check_slice, list_images, read_array, split_source
+from hierseg.data.io import H5_SUFFIXES, SliceStack, StackError, open_input, split_source
 from hierseg.fsutil import check_folder_path
 
 if TYPE_CHECKING:
-    from hierseg.serve.omezarr import VoxelSize
+    from hierseg.data.io import VoxelSize
 
-
-class StackError(ValueError):
-    """Bad input or output location; the message names it."""
-
-
-class SliceStack:
-    """``[Z, H, W]`` view over a lazily indexed source (``get(z) -> [H, W]`` or ``[C, H, W]``)."""
-
-    def __init__(self, shape: tuple[int, ...], get: Any, name: str, is_2d: bool = False, closer: Any = None,
-                 crop: Any = None):  # fmt: skip
-        self.shape, self._get, self.name, self.is_2d, self._closer = shape, get, name, is_2d, closer
-        self._crop = crop  # (z, ys, xs) -> part of a slice, for formats that read parts (zarr, HDF5, .npy)
-        self.voxel_size: VoxelSize | None = None  # known for OME-Zarr images (their scale)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, z: int | slice) -> np.ndarray:
-        """Slice ``z`` (``[H, W]`` or ``[C, H, W]``), or the slices ``z0:z1`` stacked (a 3D model reads z slabs)."""
-        if isinstance(z, slice):
-            return self.read(z, slice(None), slice(None))
-        try:
-            return np.asarray(self._get(z))
-        except StackError:
-            raise
-        except Exception as e:
-            raise StackError(f"cannot read slice {z} of {self.name}: {type(e).__name__}: {e}") from None
-
-    def read(self, z: int | slice, ys: slice, xs: slice) -> np.ndarray:
-        """Pixels ``[ys, xs]`` of slice ``z``, or of the slices ``z`` (a slice) stacked ``[d, ...]``; chunked
-        formats read only the chunks they touch."""
-        if self._crop is None:
-            if isinstance(z, slice):
-                return np.stack([self[i][..., ys, xs] for i in range(*z.indices(len(self)))])
-            return self[z][..., ys, xs]
-        try:
-            return np.asarray(self._crop(z, ys, xs))
-        except Exception as e:
-            where = f"slice {z}" if isinstance(z, int) else f"slices {z.start}:{z.stop}"
-            raise StackError(f"cannot read {where} of {self.name}: {type(e).__name__}: {e}") from None
-
-    def close(self) -> None:
-        if self._closer is not None:
-            self._closer()
-
-
-def _from_array(arr: Any, name: str) -> SliceStack:
-    if arr.ndim == 2:
-        return SliceStack((1, *arr.shape), lambda z: arr[...], name, is_2d=True)
-    if arr.ndim == 3:
-        return SliceStack(tuple(arr.shape), lambda z: arr[z], name, crop=lambda z, ys, xs: arr[z, ys, xs])
-    raise StackError(f"{name} has shape {tuple(arr.shape)}; expected a 2D image [H, W] or a stack [Z, H, W]")
-
-
-def _open_tiff(path: Path) -> SliceStack:
-    import tifffile
-
-    tif = tifffile.TiffFile(path)
-    series = tif.series[0]
-    if len(series.shape) == 2 or len(tif.pages) == 1:
-        data = series.asarray()
-        tif.close()
-        return _from_array(data, str(path))
-    if len(tif.pages) != series.shape[0]:  # unusual layout: let tifffile assemble it
-        data = series.asarray()
-        tif.close()
-        return _from_array(data, str(path))
-    return SliceStack(tuple(series.shape), lambda z: tif.pages[z].asarray(), str(path), closer=tif.close)
-
-
-def _open_h5(path: Path, inner: str | None) -> SliceStack:
-    import h5py
-
-    f = h5py.File(path, "r")
-    if inner is None:
-        names = [k for k in f if isinstance(f[k], h5py.Dataset)]
-        if len(names) != 1:
-            f.close()
-            raise StackError(f"{path} holds datasets {names}; name one as {path}:<dataset>")
-        inner = names[0]
-    if inner not in f or not isinstance(f[inner], h5py.Dataset):
-        f.close()
-        raise StackError(f"{path} has no dataset {inner!r}; name one as {path}:<dataset>")
-    stack = _from_array(f[inner], f"{path}:{inner}")
-    stack._closer = f.close
-    return stack
-
-
-def _slice_folder(path: Path, files: list[Path]) -> SliceStack:
-    """A folder of slices; a slice whose size is not the first's is refused by name when it is reached."""
-    first = read_array(files[0])
-
-    def get(z: int) -> np.ndarray:
-        try:
-            return check_slice(files, z, read_array(files[z]), first.shape)
-        except ValueError as e:  # read_array's and check_slice's messages name the file
-            raise StackError(str(e)) from None
-
-    return SliceStack((len(files), *first.shape), get, str(path))
-
-
-def _open_zarr(path: Path, inner: str | None, spec: str) -> SliceStack:
-    """A zarr array; an OME-Zarr image (group or level) reads at full resolution and knows its voxel size."""
-    import zarr
-
-    from hierseg.serve.omezarr import find_image
-
-    image = find_image(path, inner)
-    inner, voxel = image if image else (inner, None)
-    node = zarr.open(str(path), mode="r")
-    node = node[inner] if inner else node
-    if not hasattr(node, "shape"):
-        raise StackError(f"{path} is a zarr group; name an array as {path}:<array>")
-    stack = _from_array(node, spec)
-    stack.voxel_size = voxel
-    return stack
-
-
-def open_input(spec: str) -> SliceStack:
-    """A 2D image, a folder of slices, a (multi-page) TIFF, ``file.h5:dataset``, zarr or ``.npy``, read lazily."""
-    path, inner = split_source(spec)
-    if not path.exists():
-        raise StackError(f"--input {path} does not exist; check the path")
-    try:
-        if path.suffix.lower() in (".h5", ".hdf5", ".hdf"):
-            return _open_h5(path, inner)
-        if path.suffix == ".zarr" or (path / "zarr.json").exists() or (path / ".zarray").exists():
-            return _open_zarr(path, inner, spec)
-        if path.is_dir():
-            files = list_images(path)
-            if not files:
-                raise StackError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-            return _slice_folder(path, files)
-        if path.suffix.lower() in (".tif", ".tiff"):
-            return _open_tiff(path)
-        if path.suffix.lower() == ".npy":
-            return _from_array(check_not_colour(np.load(path, mmap_mode="r", allow_pickle=False), str(path)), str(path))
-        return _from_array(read_array(path), str(path))
-    except StackError:
-        raise
-    except ValueError as e:
-        raise StackError(str(e)) from None
-    except Exception as e:
-        raise StackError(f"cannot read --input {spec}: {type(e).__name__}: {e}") from None
+__all__ = ["SliceStack", "StackError", "check_not_input", "open_input", "open_output"]
 
 
 # -------------------------------------------------------------------------------------------- outputs
@@ -426,7 +281,7 @@ def open_output(spec: str, shape: tuple[int, ...], k: int, *, overwrite: bool = 
     is_2d = bool(is_2d) if is_2d is not None else False
     layouts = _layouts(shape, k, is_2d, label_values)
     path, inner = split_source(spec)
-    is_h5 = path.suffix.lower() in (".h5", ".hdf5", ".hdf")
+    is_h5 = path.suffix.lower() in H5_SUFFIXES
     _check_output_path(spec, path.parent if is_h5 else path)
     try:
         if is_h5:
