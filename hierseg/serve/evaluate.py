@@ -237,25 +237,28 @@ def volume_batches(image: str, labels: str, label_map: Any, predictor: Predictor
     from hierseg.data.normalize import normalize
 
     stack = open_input(image)
-    lab = read_array(labels)
-    lab = lab[None] if lab.ndim == 2 else lab
-    if lab.shape != (len(stack), *stack.shape[-2:]):
-        raise ValueError(f"--labels {labels} has shape {lab.shape} but --image {image} is {stack.shape}")
-    if predictor.dims == 3:  # one block [1, C, D, H, W], scored in windows as validation scores 3D blocks
-        from hierseg.serve.infer import block_input, in_channels_of
+    try:  # a TIFF or HDF5 input stays open while slices are read: closed however the scoring ends
+        lab = read_array(labels)
+        lab = lab[None] if lab.ndim == 2 else lab
+        if lab.shape != (len(stack), *stack.shape[-2:]):
+            raise ValueError(f"--labels {labels} has shape {lab.shape} but --image {image} is {stack.shape}")
+        if predictor.dims == 3:  # one block [1, C, D, H, W], scored in windows as validation scores 3D blocks
+            from hierseg.serve.infer import block_input, in_channels_of
 
-        mapped, _ = label_map.apply(lab, where=labels)
-        x = block_input(np.asarray(stack[0 : len(stack)]), predictor.normalization, in_channels_of(predictor.model))
-        yield x[None], torch.from_numpy(mapped)[None]
-        return
-    from hierseg.serve.infer import context_of, slice_input
+            mapped, _ = label_map.apply(lab, where=labels)
+            x = block_input(np.asarray(stack[0 : len(stack)]), predictor.normalization, in_channels_of(predictor.model))
+            yield x[None], torch.from_numpy(mapped)[None]
+            return
+        from hierseg.serve.infer import context_of, slice_input
 
-    context = context_of(predictor.model)
-    for z in range(len(stack)):
-        mapped, _ = label_map.apply(lab[z], where=f"{labels} slice {z}")
-        x = normalize(slice_input(stack, z, context), predictor.normalization)
-        x = x[None] if x.ndim == 2 else x
-        yield torch.from_numpy(x)[None], torch.from_numpy(mapped)[None]
+        context = context_of(predictor.model)
+        for z in range(len(stack)):
+            mapped, _ = label_map.apply(lab[z], where=f"{labels} slice {z}")
+            x = normalize(slice_input(stack, z, context), predictor.normalization)
+            x = x[None] if x.ndim == 2 else x
+            yield torch.from_numpy(x)[None], torch.from_numpy(mapped)[None]
+    finally:
+        stack.close()
 
 
 def report(summary: dict[str, float], metrics: EvalMetrics, hierarchy: Hierarchy, space: LabelSpace) -> dict:
