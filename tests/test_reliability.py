@@ -169,6 +169,31 @@ def test_corrupt_index_stops_training_naming_it(shards, tmp_path):
     assert all(_tree(folder)[k] == v for k, v in before.items())
 
 
+def test_a_final_evaluation_that_failed_after_the_last_checkpoint_runs_on_resume(shards, tmp_path):
+    """The final evaluation fails (unreadable val shards) after the max_steps checkpoint: the rerun resumes at
+    max_steps and evaluates, so the run keeps its final val/* figures (val/num_valid = the manifest's sum)."""
+    import shutil
+
+    from hierseg.train.loop import train_worker
+
+    val = tmp_path / "val"
+    shutil.copytree(shards / "val", val)
+    tars = {p: p.read_bytes() for p in val.glob("*.tar")}
+    run = {"num_workers": 1, "max_steps": 2, "eval_every": 2, "log_every": 1}
+    spec = validate_spec(tiny_spec(shards, tmp_path, data={"val": str(val)}, tracking={"log_model": False}, run=run))
+    config = {"spec": spec.model_dump(mode="json"), "launcher": "local"}
+    for path, data in tars.items():
+        path.write_bytes(b"\0" * len(data))  # a disk error under the val split, after training started
+    with pytest.raises(Exception):  # noqa: B017 - whatever the loader raises; what matters is the rerun
+        train_worker(config)
+    for path, data in tars.items():
+        path.write_bytes(data)
+    result = train_worker(config)
+    assert result["finished"] and result["step"] == 2 and result["best"].get("step") == 2, result
+    histogram = json.loads((val / "manifest.json").read_text())["class_histogram"]
+    assert result["best"]["metrics"]["val/num_valid"] == sum(histogram)
+
+
 # --------------------------------------------------------------------------------------- 3: pruning
 def test_pruning_keeps_the_index_consistent_and_resume_falls_back(tmp_path):
     """The index never names a deleted folder; a damaged or missing newest checkpoint costs one checkpoint."""

@@ -53,6 +53,8 @@ class Job:
     step: int = 0
     best: dict[str, Any] = field(default_factory=dict)
     last_eval: dict[str, float] = field(default_factory=dict)
+    last_eval_step: int | None = None
+    """The step ``last_eval`` was measured at; ``None`` before the first evaluation (or in an old checkpoint)."""
     stop_requested: bool = False
     label_sets: LabelSets = field(default_factory=LabelSets)
     """Partial-label table of the shards (set ids 12, 13, ...); empty when the labels use none."""
@@ -206,7 +208,7 @@ def evaluate(job: Job) -> dict[str, float]:
     job.tracker.log_metrics(summary, job.step)
     job.tracker.log_eval_figures(metrics, sample, job.hierarchy, job.step)
     job.tracker.flush()
-    job.last_eval = summary
+    job.last_eval, job.last_eval_step = summary, job.step
     _update_best(job, summary)
     return summary
 
@@ -247,6 +249,7 @@ def checkpoint_state(job: Job) -> dict[str, Any]:
         "best": {k: v for k, v in job.best.items() if k != "metrics"},
         "best_metrics": job.best.get("metrics", {}),
         "last_eval": job.last_eval,
+        "last_eval_step": job.last_eval_step,
         "spec": job.spec.model_dump(mode="json"),
         "run_id": job.tracker.run_id,
         "patch_size": job.spec.data.patch_size,
@@ -275,7 +278,7 @@ def resume(job: Job) -> None:
     job.scheduler.load_state_dict(state["scheduler"])
     job.step = int(state["step"])
     job.best = dict(state["best"], metrics=state["best_metrics"]) if state["best"] else {}
-    job.last_eval = state["last_eval"]
+    job.last_eval, job.last_eval_step = state["last_eval"], state.get("last_eval_step")
     if state["world_size"] == job.ctx.world_size:
         mine = state["per_rank"][job.ctx.rank]
         job.stream.load_state_dict(mine["loader"])
@@ -318,6 +321,11 @@ def run_loop(job: Job) -> bool:
     ckpt_every = run.checkpoint_every or eval_every
     batches = iter(job.stream)
     job.progress.start(job.step, num_parameters(job.model))
+    if job.step >= run.max_steps and job.last_eval_step != job.step:
+        # Resumed from the checkpoint taken just before the final evaluation (a worker died or the evaluation
+        # failed): evaluate now, or the run ends FINISHED without its final val/* figures and best checkpoint.
+        job.progress.note_eval(evaluate(job))
+        save_checkpoint(job)
     while job.step < run.max_steps:
         t0 = time.perf_counter()
         images, labels = next(batches)
