@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.train_utils import sqlite_store
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +32,7 @@ def test_server_script_start_log_alias_stop(tmp_path: Path) -> None:
         port = s.getsockname()[1]
     env = {**os.environ, "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1", "MLFLOW_STATE_DIR": str(tmp_path / "srv"),
            "MLFLOW_BIN": str(Path(sys.executable).with_name("mlflow")), "PYTHON": sys.executable}  # fmt: skip
+    sqlite_store(tmp_path / "srv")  # the script's default store, already migrated (test time)
     start = subprocess.run([SERVER, "start"], env=env, capture_output=True, text=True, timeout=240, check=False)
     pid = int((tmp_path / "srv" / "server.pid").read_text())
     try:

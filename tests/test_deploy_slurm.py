@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.train_utils import tiny_spec, write_spec
+from tests.train_utils import sqlite_store, tiny_spec, write_spec
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
 
@@ -82,6 +82,7 @@ def _mlflow_boot(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
         yield None
         return
     state = tmp_path_factory.mktemp("mlflow-server")
+    sqlite_store(state)  # the script's default store, already migrated (test time)
     port = free_port()
     env = {**os.environ, "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1", "MLFLOW_STATE_DIR": str(state),
            "MLFLOW_BIN": str(Path(sys.executable).with_name("mlflow")), "PYTHON": sys.executable}  # fmt: skip
