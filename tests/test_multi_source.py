@@ -294,7 +294,7 @@ def test_two_sources_train_on_two_gloo_ranks_with_global_normalisation(data, tmp
 
 @pytest.mark.timeout(400)
 def test_torchrun_two_sources_logs_per_source_metrics(data, tmp_path) -> None:
-    """The real train CLI under torchrun (2 gloo ranks): one MLflow run with val/<source>/... and val/..."""
+    """torchrun, 2 gloo ranks, 2 sources: one MLflow run (rank 0's, tagged torchrun), val once, val/<source>/..."""
     raw = _two_source_spec(data, tmp_path)
     raw["tracking"]["log_model"] = False
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", TRAIN]
@@ -302,6 +302,7 @@ def test_torchrun_two_sources_logs_per_source_metrics(data, tmp_path) -> None:
                          text=True, timeout=380)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     (run,) = mlflow_runs(raw["tracking"]["uri"])
+    assert run.data.tags["hierseg.launcher"] == "torchrun"
     m = run.data.metrics
     hist = {n: sum(_manifest(data, n, "val")["class_histogram"]) for n in ("srf", "mito")}
     assert m["val/num_valid"] == hist["srf"] + hist["mito"] and m["val/mito/num_valid"] == hist["mito"]
