@@ -125,6 +125,10 @@ def ray_env(tmp: Path | None = None) -> dict[str, str]:
     env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     env.pop("RAY_ADDRESS", None)
     env["RAY_DEDUP_LOGS"] = "0"
+    # test time: Ray Train polls its workers every 2 s by default (how soon a dead worker or the end is seen),
+    # and starts a preemption watcher actor (one more process) that a local test cluster never needs
+    env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    env.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     return env
 
 
