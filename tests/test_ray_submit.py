@@ -30,6 +30,8 @@ def _free_port() -> int:
 def ray_head():
     env = dict(os.environ, RAY_TMPDIR=tempfile.mkdtemp(prefix="ray", dir="/tmp"), RAY_AUTH_MODE="token")
     env.pop("RAY_ADDRESS", None)
+    # test time: the job's driver and Ray Train's controller inherit these from the cluster (tests.train_utils.ray_env)
+    env.update(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5", RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     dash = _free_port()
     start = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}", "--num-cpus=2"]
@@ -80,8 +82,8 @@ def test_ray_job_submit_trains_on_the_cluster(ray_head, tmp_path):
         "data.num_workers=0",
         "model.base_channels=8",
         "model.depth=2",
-        "run.max_steps=6",
-        "run.eval_every=6",
+        "run.max_steps=2",
+        "run.eval_every=2",
         f"run.storage_path={tmp_path / 'runs'}",
         f"tracking.uri={spec['tracking']['uri']}",
         "tracking.experiment=tests",
