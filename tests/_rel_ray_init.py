@@ -4,7 +4,7 @@
 
 Plants a ``ray_current_cluster`` file naming a dead GCS (what a killed ``ray start --head`` leaves), starts
 Ray the way ``jobs/train.py`` does, and prints the addresses the cluster's nodes and GCS listen on and the
-niceness of this process and of a worker, and the torch threads a training worker of 1 CPU takes.
+niceness of this process and of a worker.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from hierseg.spec import validate_spec
-from hierseg.train.launch import init_ray, torch_threads_as_ray_assigned
+from hierseg.train.launch import init_ray
 
 
 def main() -> int:
@@ -31,7 +31,6 @@ def main() -> int:
     nodes = [n["NodeManagerAddress"] for n in ray.nodes()]
     seen = {"nodes": nodes, "gcs": ray.get_runtime_context().gcs_address, "nice": os.nice(0)}
     seen["worker_nice"] = ray.get(ray.remote(lambda: os.nice(0)).remote())
-    seen["worker_threads"] = ray.get(ray.remote(num_cpus=1)(torch_threads_as_ray_assigned).remote())
     print(json.dumps(seen), flush=True)
     ray.shutdown()
     return 0

@@ -249,24 +249,7 @@ def _owner_prepares(spec: JobSpec, is_main: bool, distributed: bool, launcher: s
 
 def _ray_worker(config: dict[str, Any]) -> dict[str, Any]:
     _quiet_ray_reports()
-    torch_threads_as_ray_assigned()
     return train_worker(config)
-
-
-def torch_threads_as_ray_assigned() -> int:
-    """One torch thread per CPU Ray gave this worker (``OMP_NUM_THREADS``, which Ray sets per worker); returns it.
-
-    Why explicitly: the embedded cluster's process-setup hook (:func:`local_cluster_process_setup`) imports
-    hierseg, hence torch, before Ray sets ``OMP_NUM_THREADS`` for the worker, so torch started with one thread
-    per core: 2 workers x 2 threads on 2 cores trained at half the speed (vnc_sstem, U-Net 8/4: 5.8 -> 2.8
-    patches/s, bisected to the commit that added the hook).
-    """
-    import torch
-
-    threads = os.environ.get("OMP_NUM_THREADS", "")
-    if threads.isdigit() and int(threads) > 0:
-        torch.set_num_threads(int(threads))
-    return torch.get_num_threads()
 
 
 def _quiet_ray_reports() -> None:
