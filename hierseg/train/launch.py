@@ -302,8 +302,8 @@ def init_ray(spec: JobSpec) -> None:
     # address="local": never join "the latest cluster" recorded in Ray's temp folder (maybe dead, maybe someone
     # else's); _node_ip_address: GCS, raylet and workers listen on loopback, not the machine's address.
     # RAY_worker_niceness 0: Ray starts workers at nice 15 (so its own daemons stay responsive on a shared
-    # cluster node), which on the user's own machine makes training yield to every other process: with 2
-    # cores shared, the training ran ~3x slower than the same work in one process (bench/realdata.py). At 0
+    # cluster node), which on the user's own machine makes training yield to every other process (seen as
+    # Ray workers at "SN" getting a fraction of the cores while tests ran beside bench/realdata.py). At 0
     # the workers run at the priority of the command that started them (``nice train.py`` still works).
     ray.init(address="local", _node_ip_address="127.0.0.1", log_to_driver=True,
              runtime_env={"worker_process_setup_hook": f"{__name__}.local_cluster_process_setup",
