@@ -52,3 +52,32 @@ def pin_ray_to_loopback() -> None:
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def local_cluster_process_setup() -> None:
+    """Run in every process of the embedded cluster (Ray's ``worker_process_setup_hook``).
+
+    Why each step:
+    - ``RAY_ADDRESS`` is pinned to this cluster: Ray Train's placement-group cleaner (a state-API call
+      without an address) otherwise looks for "the" Ray instance on this machine and dies with a traceback
+      ("Found multiple active Ray instances") when some other job's Ray runs here too.
+    - Ray Train's controller sends the cluster autoscaler a resource request every 20 s and, when the answer
+      takes over 5 s (a loaded machine), logs a warning with a traceback that Ray itself calls safe to
+      ignore. A local cluster has no autoscaler, so that client's logger passes only errors (not with
+      ``--debug``). A filter, not a level: the controller's ``logging.config.dictConfig`` later resets the
+      levels of loggers under ``ray.train``.
+    Clusters joined through ``RAY_ADDRESS`` are left as they are.
+
+    It lives here, in a module that does not import torch: Ray sets ``OMP_NUM_THREADS`` (1 per CPU it gave
+    the worker) after this hook, and a torch imported before that sizes its pool to the whole machine.
+    """
+    import logging
+
+    import ray
+    from ray.train.v2._internal.execution.scaling_policy import autoscaling_coordinator_client as client
+
+    from hierseg.cli import debug_requested
+
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    if not debug_requested():
+        logging.getLogger(client.__name__).addFilter(lambda record: record.levelno >= logging.ERROR)

@@ -4,7 +4,7 @@
 
 Plants a ``ray_current_cluster`` file naming a dead GCS (what a killed ``ray start --head`` leaves), starts
 Ray the way ``jobs/train.py`` does, and prints the addresses the cluster's nodes and GCS listen on and the
-niceness of this process and of a worker.
+niceness of this process and, for a worker, its niceness and its torch thread count.
 """
 
 from __future__ import annotations
@@ -16,6 +16,12 @@ from pathlib import Path
 
 from hierseg.spec import validate_spec
 from hierseg.train.launch import init_ray
+
+
+def _worker_probe() -> dict:
+    import torch  # as a train function does: after Ray's setup hook and OMP_NUM_THREADS
+
+    return {"nice": os.nice(0), "omp": os.environ.get("OMP_NUM_THREADS"), "torch_threads": torch.get_num_threads()}
 
 
 def main() -> int:
@@ -30,7 +36,7 @@ def main() -> int:
     init_ray(spec)
     nodes = [n["NodeManagerAddress"] for n in ray.nodes()]
     seen = {"nodes": nodes, "gcs": ray.get_runtime_context().gcs_address, "nice": os.nice(0)}
-    seen["worker_nice"] = ray.get(ray.remote(lambda: os.nice(0)).remote())
+    seen["worker"] = ray.get(ray.remote(_worker_probe).remote())
     print(json.dumps(seen), flush=True)
     ray.shutdown()
     return 0

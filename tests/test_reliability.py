@@ -511,13 +511,16 @@ def test_second_launch_of_a_live_run_is_refused_and_a_dead_lock_is_not(shards, t
 @pytest.mark.slow
 def test_embedded_ray_is_private_on_loopback_despite_a_stale_cluster_record():
     """The embedded cluster: a new one on 127.0.0.1 (never a stale recorded one); its workers run at the niceness
-    of the command that started it (under `nice -n 3`: 3), not at Ray's default +15."""
+    of the command that started it (under `nice -n 3`: 3), not at Ray's default +15, with one torch thread per CPU
+    Ray gave them (Ray's OMP_NUM_THREADS), not one per core of the machine."""
     env = ray_env()
     out = _run(["nice", "-n", "3", sys.executable, "-m", "tests._rel_ray_init"], timeout=180, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert seen["nodes"] == ["127.0.0.1"] and seen["gcs"].startswith("127.0.0.1:")
-    assert seen["worker_nice"] == seen["nice"] == min(19, os.nice(0) + 3), seen
+    worker = seen["worker"]
+    assert worker["nice"] == seen["nice"] == min(19, os.nice(0) + 3), seen
+    assert worker["omp"] == "1" and worker["torch_threads"] == 1, seen
 
 
 # ------------------------------------------------------------------ silent wrong results (items 12, 13, 18, 19)
@@ -847,7 +850,8 @@ def test_ray_tracebacks_that_are_not_ours_show_only_with_debug(monkeypatch, wher
     from ray.train.v2._internal import util
     from ray.train.v2._internal.execution.scaling_policy import autoscaling_coordinator_client as client
 
-    from hierseg.train.launch import _quiet_ray_reports, local_cluster_process_setup
+    from hierseg.raycluster import local_cluster_process_setup
+    from hierseg.train.launch import _quiet_ray_reports
 
     setup, logger, level = {
         "worker": (_quiet_ray_reports, logging.getLogger(util.__name__), logging.ERROR),

@@ -202,17 +202,21 @@ class RayCheckpointer(_BestOnOwner):
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as d:
-            state, where = load_state(d), checkpoint.path
+        state, where, since = None, "", -math.inf
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                state, where = load_state(d), checkpoint.path
+            since = Path(where).stat().st_mtime if Path(where).is_dir() else math.inf
         # Ray registers a report's checkpoint asynchronously: after a killed worker it may hand back an older
-        # one than the newest complete folder this run wrote (seen: step 5 with steps 10 and 15 on disk).
-        # Folders newer than Ray's own are this run's later reports; the newest that loads wins.
-        since = Path(where).stat().st_mtime if Path(where).is_dir() else math.inf
+        # one than the newest complete folder this run wrote (seen: step 5 with steps 10 and 15 on disk), or
+        # none at all when the kill came within its poll interval of the first report (seen: fast steps,
+        # restart "from step 0" with step 3 on disk). Folders newer than Ray's own are this run's later
+        # reports; the newest that loads wins.
         newer = newest_loadable(self.root, after=since)
-        if newer is not None and newer[1].get("step", -1) > state.get("step", -1):
+        if newer is not None and (state is None or newer[1].get("step", -1) > state.get("step", -1)):
             state, where = newer[1], str(newer[0])
+        if state is None:
+            return None
         return self._checked(state, where)
 
     def save(self, state: dict[str, Any], metrics: dict[str, float]) -> None:

@@ -28,7 +28,13 @@ from hierseg.data.synth import ensure_synthetic
 from hierseg.fsutil import probe_writable
 
 # shared with blockwise prediction, which must not import training (PreflightError is re-exported from here)
-from hierseg.raycluster import PreflightError, check_ray_address, pin_ray_to_loopback, ray_address
+from hierseg.raycluster import (
+    PreflightError,
+    check_ray_address,
+    local_cluster_process_setup,
+    pin_ray_to_loopback,
+    ray_address,
+)
 from hierseg.spec import JobSpec
 from hierseg.tracking import check_tracking_uri, end_run, run_is_open, set_offline_record, start_run
 from hierseg.train.checkpoint import atomic_write_text, follow_umask
@@ -305,35 +311,9 @@ def init_ray(spec: JobSpec) -> None:
     # cluster node), which on the user's own machine makes training yield to every other process (seen as
     # Ray workers at "SN" getting a fraction of the cores while tests ran beside bench/realdata.py). At 0
     # the workers run at the priority of the command that started them (``nice train.py`` still works).
+    hook = f"{local_cluster_process_setup.__module__}.{local_cluster_process_setup.__name__}"
     ray.init(address="local", _node_ip_address="127.0.0.1", log_to_driver=True,
-             runtime_env={"worker_process_setup_hook": f"{__name__}.local_cluster_process_setup",
-                          "env_vars": {WORKER_NICENESS_ENV: "0"}})  # fmt: skip
-
-
-def local_cluster_process_setup() -> None:
-    """Run in every process of the embedded cluster (Ray's ``worker_process_setup_hook``).
-
-    Why each step:
-    - ``RAY_ADDRESS`` is pinned to this cluster: Ray Train's placement-group cleaner (a state-API call
-      without an address) otherwise looks for "the" Ray instance on this machine and dies with a traceback
-      ("Found multiple active Ray instances") when some other job's Ray runs here too.
-    - Ray Train's controller sends the cluster autoscaler a resource request every 20 s and, when the answer
-      takes over 5 s (a loaded machine), logs a warning with a traceback that Ray itself calls safe to
-      ignore. A local cluster has no autoscaler, so that client's logger passes only errors (not with
-      ``--debug``). A filter, not a level: the controller's ``logging.config.dictConfig`` later resets the
-      levels of loggers under ``ray.train``.
-    Clusters joined through ``RAY_ADDRESS`` are left as they are.
-    """
-    import logging
-
-    import ray
-    from ray.train.v2._internal.execution.scaling_policy import autoscaling_coordinator_client as client
-
-    from hierseg.cli import debug_requested
-
-    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
-    if not debug_requested():
-        logging.getLogger(client.__name__).addFilter(lambda record: record.levelno >= logging.ERROR)
+             runtime_env={"worker_process_setup_hook": hook, "env_vars": {WORKER_NICENESS_ENV: "0"}})  # fmt: skip
 
 
 def check_local_gpu(spec: JobSpec) -> None:
