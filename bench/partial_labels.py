@@ -75,14 +75,14 @@ def score(src: Source, predicted: np.ndarray, labels: list[np.ndarray]) -> dict[
     return out
 
 
-def write_maps(work: Path) -> dict[str, Source]:
+def write_maps(work: Path, srf_map: Path) -> dict[str, Source]:
     mito_map = work / "vnc_binary_mito.yaml"
     not_mito = {v: {"not": ["mitochondria"]} for v in rd.VNC_OTHER_VALUES}
     mito_map.write_text(yaml.safe_dump({"mapping": {191: "mitochondria", **not_mito}, "unmapped": "error"}))
     maps = ROOT / "examples" / "label_maps"
     sets = {"mitochondria": (191, (191,)), "glia or ECS": (159, (159,)), "neurite": (255, (255,))}
     return {
-        "srf": Source("srf", maps / "srf_tem.yaml", {"axon": (3, (3,)), "myelin": (6, (6,))}, (3, 6)),
+        "srf": Source("srf", srf_map, {"axon": (3, (3,)), "myelin": (6, (6,))}, (3, 6)),
         "vnc_sets": Source("vnc_sets", maps / "vnc_sstem_sets.yaml", sets, (191, 159, 255)),
         # predict writes a set's smallest source value (0) for "not mitochondria"
         "vnc_mito": Source(
@@ -92,7 +92,7 @@ def write_maps(work: Path) -> dict[str, Source]:
 
 
 def build_shards(sources: dict[str, Source], work: Path, env: dict) -> dict[str, Path]:
-    out = {"srf": rd.build_shards(rd.DATASETS["srf"], work, env)}
+    out = {"srf": rd.build_shards(rd.DATASETS["srf"], work, env, sources["srf"].label_map)}
     vnc = rd.DATA / "vnc_sstem"
     for key, (lo, hi) in (("vnc_sets", VNC_SETS_TRAIN), ("vnc_mito", VNC_MITO_TRAIN)):
         folder = work / "shards" / key
@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--own-from", type=Path, metavar="RESULTS_JSON",
                     help="take the own models' scores from an earlier run's results.json (same settings) "
                          "instead of training them again")  # fmt: skip
+    ap.add_argument("--srf-map", type=Path, default=ROOT / "examples" / "label_maps" / "srf_tem.yaml",
+                    help="srf_tem's label map (examples/label_maps/srf_tem_axoplasm.yaml: axon label 3 as the set "
+                         "[axon, mitochondria], as the tracers drew it)")  # fmt: skip
     cfg = ap.parse_args(argv)
     if not (rd.DATA / "srf_tem").is_dir() or not (rd.DATA / "vnc_sstem").is_dir():
         print(f"bench/partial_labels.py: skipped: {rd.DATA}/srf_tem or vnc_sstem is absent")
@@ -191,8 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     work = (cfg.out or Path(tempfile.mkdtemp(prefix="hierseg-bench-partial-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
     env = rd.ray_env()
-    sources = write_maps(work)
-    results: dict = {"config": vars(cfg) | {"out": str(cfg.out), "own_from": str(cfg.own_from)}, "seeds": {}}
+    sources = write_maps(work, cfg.srf_map.resolve())
+    results: dict = {
+        "config": vars(cfg) | {"out": str(cfg.out), "own_from": str(cfg.own_from), "srf_map": str(cfg.srf_map)},
+        "seeds": {},
+    }
     try:
         shards = build_shards(sources, work, env)
         ctx = {"work": work, "env": env, "cfg": cfg, "sources": sources, "shards": shards,

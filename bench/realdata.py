@@ -218,12 +218,13 @@ def run_cli(name: str, cmd: list[str], work: Path, env: dict[str, str]) -> str:
     return proc.stdout + proc.stderr
 
 
-def build_shards(ds: DataSet, work: Path, env: dict[str, str]) -> Path:
+def build_shards(ds: DataSet, work: Path, env: dict[str, str], srf_map: Path | None = None) -> Path:
+    """``srf_map``: srf_tem's label map (default examples/label_maps/srf_tem.yaml)."""
     root, out = DATA / ds.folder, work / "shards" / ds.key
     cmd = [sys.executable, str(ROOT / "jobs" / "make_shards.py"), "--out", str(out), "--overwrite"]
     if ds.key == "srf":
         cmd += ["--images", str(root / "images"), "--labels", str(root / "labels")]
-        cmd += ["--label-map", str(ROOT / "examples" / "label_maps" / "srf_tem.yaml"), *SRF_SPLIT]
+        cmd += ["--label-map", str(srf_map or ROOT / "examples" / "label_maps" / "srf_tem.yaml"), *SRF_SPLIT]
     else:
         label_map = work / "vnc_binary_mito.yaml"
         not_mito = {v: {"not": ["mitochondria"]} for v in VNC_OTHER_VALUES}

@@ -43,6 +43,10 @@ def test_example_maps_load_and_record_sets_slot() -> None:
     out, _ = vnc.apply(np.array([0, 32, 64, 96, 128, 159, 191, 223, 255], np.uint8), "v")
     assert out.tolist() == [-1, -1, -1, -1, -1, 0, 10, -1, -1]
     assert LabelMap.from_yaml(root / "srf_tem.yaml").to_manifest()["sets"] == []
+    axoplasm = LabelMap.from_yaml(root / "srf_tem_axoplasm.yaml")  # axon label 3 as drawn: mitochondria inside
+    out, _ = axoplasm.apply(np.array([3, 6, 255], np.uint8), "v")
+    (axon_or_mito,) = axoplasm.to_manifest()["sets"]
+    assert out.tolist() == [axon_or_mito["id"], 6, -1] and axon_or_mito["classes"] == ["axon", "mitochondria"]
 
 
 def test_histogram_excludes_uncertain() -> None:
