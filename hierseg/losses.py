@@ -237,31 +237,73 @@ def _set_label_sums(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fine and per-level coarse sums when the batch holds set ids.
 
-    Single-class pixels use the same kernels as the plain path (set pixels act as uncertain
-    there); set pixels are gathered into ``[N, C]`` rows (class axis moved last, any ``S``) so no
-    ``[B, C, *S]`` set mask is built and no per-pixel Python runs.
+    Dense over the batch, because on a binary mask nearly every pixel is a set ("not mitochondria"):
+    gathering set pixels into ``[N, C]`` rows spent more time in boolean indexing and its backward than
+    the loss itself. A set of one class is that class (its term bit-identical to the class's CE term); a
+    set pixel's ``-log sum_{c in S} softmax_c`` is ``-log`` of its set's member sum of the softmax, one
+    matrix product for all sets, except where that sum underflows (every member below ~1e-38): there it
+    is the stable ``logsumexp`` of the members' log-probabilities, gathered for those pixels only.
     """
+    members_RC = label_sets.to(device=y.device, dtype=torch.bool)
+    sizes_R = members_RC.sum(1)
     is_set_BS = y >= SET_ID_OFFSET
-    fine_px_BS = (y != IGNORE_INDEX) & ~is_set_BS
-    y_fine_only = torch.where(is_set_BS, IGNORE_INDEX, y)
-    y_safe_BS = torch.where(fine_px_BS, y, 0)
-    set_id_N = y[is_set_BS] - SET_ID_OFFSET
-    members_NC = label_sets.to(device=y.device, dtype=torch.bool)[set_id_N]
+    row_BS = torch.where(is_set_BS, y - SET_ID_OFFSET, 0)
+    # a one-class set is that class: relabel it, so only sets of 2+ classes take the set term
+    y = torch.where(is_set_BS & (sizes_R[row_BS] == 1), members_RC.to(torch.int64).argmax(1)[row_BS], y)
+    is_set_BS = y >= SET_ID_OFFSET
+    valid_BS = y != IGNORE_INDEX
 
-    # cross_entropy is nll_loss(log_softmax(x, 1)); sharing that one log_softmax pass, a set pixel's
-    # -log sum_{c in S} softmax_c = -logsumexp over S of log_softmax is stable and, for a set of
-    # one class, bit-identical to that class's CE term (logsumexp of one finite entry is the entry).
     logp_BCS = torch.log_softmax(_acc(logits_fine), dim=1)
-    fine_sum = F.nll_loss(logp_BCS, y_fine_only, ignore_index=IGNORE_INDEX, reduction="sum")
-    logp_NC = logp_BCS.movedim(1, -1)[is_set_BS]
-    fine_sum = fine_sum - torch.logsumexp(logp_NC.masked_fill(~members_NC, -torch.inf), dim=1).sum()
+    fine_sum = F.nll_loss(logp_BCS, torch.where(is_set_BS, IGNORE_INDEX, y), ignore_index=IGNORE_INDEX, reduction="sum")
+    if bool(is_set_BS.any()):
+        fine_sum = fine_sum - _set_log_prob_sum(logp_BCS, members_RC, row_BS, is_set_BS)
 
+    y_safe_BS = torch.where(valid_BS, y, 0)  # stored label: class 0..11 or set id; rows of the tables below
     coarse = []
     for lc, lut in zip(coarse_list, luts, strict=True):
-        plain = coarse_bce_sum(lc, y_safe_BS, fine_px_BS, lut)
-        target_SK, known_SK = set_coarse_targets(label_sets.to(y.device), lut.to(y.device))
-        x_NK = _acc(lc).movedim(1, -1)[is_set_BS]
-        bce_NK = F.binary_cross_entropy_with_logits(x_NK, target_SK[set_id_N].to(x_NK.dtype), reduction="none")
-        masked = torch.where(known_SK[set_id_N], bce_NK, torch.zeros_like(bce_NK))
-        coarse.append(plain + masked.sum() / lut.shape[1])
+        target_SK, known_SK = set_coarse_targets(members_RC, lut.to(y.device))
+        target_LK = torch.cat([lut.to(y.device) > 0, target_SK])
+        known_LK = torch.cat([torch.ones_like(target_LK[:SET_ID_OFFSET]), known_SK])
+        x_BKS = _acc(lc)
+        # [K, L] tables indexed by the labels give [K, B, *S]: each group's plane is contiguous
+        w_BKS = (known_LK.t()[:, y_safe_BS] & valid_BS).movedim(0, 1).to(x_BKS.dtype) / lut.shape[1]
+        coarse.append(_WeightedBCESum.apply(x_BKS, target_LK.t()[:, y_safe_BS].movedim(0, 1), w_BKS))
     return fine_sum, torch.stack(coarse)
+
+
+class _WeightedBCESum(torch.autograd.Function):
+    """``sum w * BCE(x, t)`` over ``[B, K, *S]`` with bool targets, with a hand-written backward.
+
+    ``BCE(x, 1) = softplus(-x)`` and ``BCE(x, 0) = softplus(x)``, so one softplus of the sign-flipped
+    logit gives every term as a small positive number (the sum keeps its precision near convergence);
+    the backward is ``(sigmoid(x) - t) * w``. Autograd through ``where`` of two softplus branches made
+    four passes each way over the logits.
+    """
+
+    @staticmethod
+    def forward(ctx, x_BKS, target_BKS, w_BKS):  # type: ignore[override]
+        ctx.save_for_backward(x_BKS, target_BKS, w_BKS)
+        return (F.softplus(torch.where(target_BKS, -x_BKS, x_BKS)) * w_BKS).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x_BKS, target_BKS, w_BKS = ctx.saved_tensors
+        grad_BKS = torch.sigmoid(x_BKS).sub_(target_BKS.to(x_BKS.dtype)).mul_(w_BKS * grad_out)
+        return grad_BKS, None, None
+
+
+def _set_log_prob_sum(
+    logp_BCS: torch.Tensor, members_RC: torch.Tensor, row_BS: torch.Tensor, is_set_BS: torch.Tensor
+) -> torch.Tensor:
+    """``sum over set pixels of log sum_{c in set} softmax_c`` (``row_BS``: each pixel's set row)."""
+    p_BCN = logp_BCS.exp().flatten(2)  # N: the spatial axes flattened (a view): every operand stays contiguous
+    member_sum_BRN = torch.matmul(members_RC.to(p_BCN.dtype), p_BCN)
+    member_sum_BS = member_sum_BRN.gather(1, row_BS.flatten(1).unsqueeze(1)).view_as(row_BS)
+    under_BS = is_set_BS & (member_sum_BS < torch.finfo(p_BCN.dtype).tiny)
+    direct_BS = is_set_BS & ~under_BS
+    # where before log: an underflowed 0 must not reach log (its inf would turn the masked gradient into NaN)
+    total = torch.where(direct_BS, torch.where(direct_BS, member_sum_BS, 1.0).log(), 0.0).sum()
+    if bool(under_BS.any()):
+        logp_NC = logp_BCS.movedim(1, -1)[under_BS]
+        total = total + torch.logsumexp(logp_NC.masked_fill(~members_RC[row_BS[under_BS]], -torch.inf), dim=1).sum()
+    return total

@@ -103,6 +103,28 @@ def test_values_and_gradients_match_float64_reference(p_set, p_unc) -> None:
     assert int(hierarchical_loss(lf, lc, y, PLAN_LUT, label_sets=TABLE).num_valid) == int((y != -1).sum())
 
 
+def test_set_term_is_exact_where_every_member_probability_underflows() -> None:
+    """float32 logits 120 apart: a set's members' softmax underflows to 0, yet the set term and its gradient
+    equal the float64 reference (no inf, no NaN), for 2 pixels of a set and 2 of a single class."""
+    lf, lc, _ = _batch(1, 2, 2, dtype=torch.float32)
+    y = torch.tensor([[[12 + SETS.names.index("glia_or_ecs"), 3], [12 + SETS.names.index("not_mito"), -1]]])
+    members = TABLE[SETS.names.index("glia_or_ecs")]
+    lf[0, :, 0, 0] = torch.where(members, -60.0, 60.0)  # p(glia or ECS) = e^-120 < float32's smallest normal
+    lf[0, :, 1, 0] = torch.where(torch.arange(12) == 10, 60.0, -60.0)  # "not mitochondria" on a sure mitochondrion
+    got, want = [], []
+    for fn, store, dtype in (
+        (lambda a, b: hierarchical_loss(a, b, y, PLAN_LUT, 0.3, label_sets=TABLE), got, torch.float32),
+        (lambda a, b: reference(a, b, y, TABLE, lam=0.3), want, torch.float64),
+    ):
+        a, b = (t.detach().to(dtype).clone().requires_grad_(True) for t in (lf, lc))
+        out = fn(a, b)
+        out[0].backward()
+        store += [*(t.detach().double() for t in out[:3]), a.grad.double(), b.grad.double()]
+    assert float(got[1]) > 50 and all(torch.isfinite(t).all() for t in got)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
 def test_uncertain_stays_zero_gradient_and_all_uncertain_is_zero() -> None:
     lf, lc, y = _batch(2, 8, 8, p_set=0.4, p_unc=0.3)
     a, b = lf.clone().requires_grad_(True), lc.clone().requires_grad_(True)
