@@ -25,7 +25,7 @@ import torch
 from hierseg.serve.blockwise import DONE_ARRAY, RECORD_ATTR, BlockwiseResult, predict_blockwise
 from hierseg.serve.infer import main as predict_main
 from hierseg.serve.infer import parse_args
-from tests.train_utils import ROOT, descendant_pids, untrained_checkpoint
+from tests.train_utils import ROOT, descendant_pids, sqlite_store, untrained_checkpoint
 
 pytestmark = pytest.mark.timeout(240)
 SHAPE = (3, 150, 170)
@@ -310,7 +310,7 @@ def test_unknown_model_alias_is_one_line_error(work: Path, capsys) -> None:
     """A real SQLite MLflow registry: an alias the model lacks is refused before any worker starts."""
     import mlflow
 
-    uri = f"sqlite:///{work}/registry.db"
+    uri = sqlite_store(work / "alias_registry")
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     client.create_registered_model("tiny-seg")
     client.create_model_version("tiny-seg", source=str(work / "model_a"))

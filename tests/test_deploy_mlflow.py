@@ -30,8 +30,15 @@ def test_server_script_start_log_alias_stop(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1", "MLFLOW_STATE_DIR": str(tmp_path / "srv"),
-           "MLFLOW_BIN": str(Path(sys.executable).with_name("mlflow")), "PYTHON": sys.executable}  # fmt: skip
+    env = {
+        **os.environ,
+        "MLFLOW_PORT": str(port),
+        "MLFLOW_WORKERS": "1",
+        "MLFLOW_STATE_DIR": str(tmp_path / "srv"),
+        "MLFLOW_BIN": str(Path(sys.executable).with_name("mlflow")),
+        "PYTHON": sys.executable,
+        "MLFLOW_WAIT_S": "230",
+    }  # fmt: skip  (a loaded machine: seen > 120 s to answer /health)
     sqlite_store(tmp_path / "srv")  # the script's default store, already migrated (test time)
     start = subprocess.run([SERVER, "start"], env=env, capture_output=True, text=True, timeout=240, check=False)
     pid = int((tmp_path / "srv" / "server.pid").read_text())

@@ -32,7 +32,7 @@ from hierseg.train.checkpoint import (
 )
 from hierseg.train.checkpointer import LocalCheckpointer, run_dir
 from hierseg.train.context import DistContext
-from tests.train_utils import ROOT, TRAIN, mlflow_runs, ray_env, write_spec
+from tests.train_utils import ROOT, TRAIN, mlflow_runs, ray_env, sqlite_store, write_spec
 from tests.train_utils import tiny_spec as _tiny_spec
 
 CLI = [sys.executable, "-m", "hierseg.cli"]
@@ -374,7 +374,7 @@ def test_checkpoints_follow_the_umask(tmp_path, umask, dir_mode, file_mode):
 
 # ---------------------------------------------------------------------- 26: dead RAY_ADDRESS
 def test_dead_ray_address_fails_in_seconds_naming_it(shards, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     spec_path = _local_spec(shards, tmp_path, tracking={"uri": uri})
     address = f"127.0.0.1:{_free_port()}"
     t0 = time.monotonic()
@@ -412,7 +412,7 @@ def test_server_gone_at_the_end_is_bounded_signalable_and_replayable(tmp_path):
     """SIGTERM cuts the final wait short; what was not sent is in the record; replay puts it into MLflow."""
     from mlflow.tracking import MlflowClient
 
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = sqlite_store(tmp_path)
     run_id = _sqlite_run(store)
     dead = f"http://127.0.0.1:{_free_port()}"
     record = tmp_path / "runs" / "t" / "tracking_offline.jsonl"
@@ -460,7 +460,7 @@ def test_logged_model_has_type_hints_and_example_so_mlflow_does_not_warn(tmp_pat
     ckpt = tmp_path / "best"
     ckpt.mkdir()
     torch.save({"model": model.state_dict(), "spec": spec.model_dump(mode="json"), "step": 1}, ckpt / STATE_FILE)
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = sqlite_store(tmp_path)
     run_id = _sqlite_run(store)
     with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
         warnings.simplefilter("always")
@@ -661,7 +661,7 @@ def test_creating_an_experiment_another_job_just_created_returns_its_id(tmp_path
 
     from hierseg.tracking import create_experiment
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     client = MlflowClient(tracking_uri=uri)
     winner = client.create_experiment("sweep")
     assert create_experiment(client, "sweep", uri) == winner
