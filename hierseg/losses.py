@@ -261,12 +261,13 @@ def _set_label_sums(
     y_safe_BS = torch.where(valid_BS, y, 0)  # stored label: class 0..11 or set id; rows of the tables below
     coarse = []
     for lc, lut in zip(coarse_list, luts, strict=True):
-        target_SK, known_SK = set_coarse_targets(members_RC, lut.to(y.device))
-        target_LK = torch.cat([lut.to(y.device) > 0, target_SK])
+        lut_CK = lut.to(y.device)
+        target_SK, known_SK = set_coarse_targets(members_RC, lut_CK)
+        target_LK = torch.cat([lut_CK > 0, target_SK])
         known_LK = torch.cat([torch.ones_like(target_LK[:SET_ID_OFFSET]), known_SK])
         x_BKS = _acc(lc)
         # [K, L] tables indexed by the labels give [K, B, *S]: each group's plane is contiguous
-        w_BKS = (known_LK.t()[:, y_safe_BS] & valid_BS).movedim(0, 1).to(x_BKS.dtype) / lut.shape[1]
+        w_BKS = (known_LK.t()[:, y_safe_BS] & valid_BS).movedim(0, 1).to(x_BKS.dtype) / lut_CK.shape[1]
         coarse.append(_WeightedBCESum.apply(x_BKS, target_LK.t()[:, y_safe_BS].movedim(0, 1), w_BKS))
     return fine_sum, torch.stack(coarse)
 
