@@ -3,9 +3,11 @@
 The full pipeline runs with the spec's default augmentation and with a heavy one (elastic 0.3, blur 0.3).
 
 Both run through a torch DataLoader with 0, 1 and 2 worker processes, side by side in one run, on
-synthetic whole-image shards (images of twice the patch side) built in a temporary folder. Prints
-patches/s (raw: stored samples read per second; full: random crops per second), patches/s per
-process doing the work, and the ratio full/raw. ``python bench/loader.py [--patches N] [--patch-size P]``.
+synthetic whole-image shards built in a temporary folder: by default 1024^2 slices and 256^2 crops,
+the layout of the real data (make-shards stores whole slices: vnc_sstem 1024^2, srf_tem 600^2; the
+spec's patch is 256). Prints patches/s (raw: stored samples read per second; full: random crops per
+second, one per stored sample read), patches/s per process doing the work, and the ratio full/raw.
+``python bench/loader.py [--patches N] [--patch-size P] [--image-size N]``.
 """
 
 from __future__ import annotations
@@ -59,18 +61,20 @@ def rate(batches, num_batches: int, batch_size: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--patches", type=int, default=768, help="patches timed per configuration")
-    p.add_argument("--patch-size", type=int, default=128)
+    p.add_argument("--patch-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=1024, help="side of each stored slice")
     p.add_argument("--batch-size", type=int, default=16)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "train"
-        write_synthetic_split(folder, 24, 2 * args.patch_size, seed=0)
+        write_synthetic_split(folder, 24, args.image_size, seed=0)
         shards = resolve_shards(str(folder))
         num_batches = max(1, args.patches // args.batch_size)
         # the spec's default augmentation, and a heavy one with the costly elastic warp and blur
         augments = {"default": AugmentSpec(), "heavy": AugmentSpec(elastic=0.3, blur=0.3)}
         print(
-            f"{len(shards)} shards, patches {args.patch_size}x{args.patch_size}, batch {args.batch_size}, "
+            f"{len(shards)} shards of {args.image_size}^2 slices, patches {args.patch_size}^2, "
+            f"batch {args.batch_size}, "
             f"{num_batches * args.batch_size} patches timed, torch threads {torch.get_num_threads()}"
         )
         print(f"{'augment':>7} | {'workers':>7} | {'raw tar p/s':>11} | {'full p/s':>9} | {'full p/s/proc':>13} | "

@@ -167,6 +167,10 @@ def test_label_out_of_range_and_old_format_name_the_culprit(tmp_path) -> None:
     data = DataSpec(train=str(folder), val=str(folder), batch_size=1, num_workers=0)
     with pytest.raises(ValueError, match=r"shard-000000\.tar: label value 50 is outside -1\.\.11"):
         list(val_loader(data, rank=0, world_size=1))
+    # training checks the crop it converts: one covering the bad pixel names the sample too
+    covering = DataSpec(train=str(folder), val=str(folder), batch_size=1, num_workers=0, patch_size=128)
+    with pytest.raises(ValueError, match=r"shard-000000\.tar: label value 50 is outside -1\.\.11"):
+        next(iter(train_loader(covering, rank=0, world_size=1, batch_size=1, seed=0)))
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["format"] = "hierseg-shards/1"
     manifest["command"] = "hierseg make-shards --images a --labels b --out c --patch-size 256 --stride 172"
@@ -185,6 +189,27 @@ def test_augment_keeps_label_values_and_shapes() -> None:
         img, lab = augment(image, label, spec, gen)
         assert img.shape == image.shape and lab.shape == label.shape and lab.dtype == torch.int64
         assert set(lab.unique().tolist()) <= set(label.unique().tolist())
+
+
+def test_flips_and_rotations_equal_numpy_applied_step_by_step() -> None:
+    """geometric() folds flips and rot90 into one copy: equal to np.flip x, np.flip y, np.rot90 k done in turn."""
+    from hierseg.data.augment import geometric
+
+    spec = AugmentSpec(contrast=0, gamma=0, noise=0)
+    ks = set()
+    for seed in range(40):
+        image, label = torch.randn(2, 5, 7), torch.randint(-1, 12, (5, 7))
+        got_image, got_label = geometric(image, label, spec, torch.Generator().manual_seed(seed))
+        draws = torch.Generator().manual_seed(seed)  # the documented draws: x flip, y flip, then k
+        flip_x, flip_y = float(torch.rand((), generator=draws)) < 0.5, float(torch.rand((), generator=draws)) < 0.5
+        k = int(torch.randint(0, 4, (), generator=draws))
+        ks.add((flip_x, flip_y, k))
+        for got, ref in ((got_image, image.numpy()), (got_label, label.numpy())):
+            ref = np.flip(ref, -1) if flip_x else ref
+            ref = np.flip(ref, -2) if flip_y else ref
+            np.testing.assert_array_equal(got.numpy(), np.rot90(ref, k, axes=(-2, -1)))
+            assert got.is_contiguous()
+    assert len(ks) >= 12  # most of the 16 combinations were exercised
 
 
 def test_intensity_augmentation_keeps_z_scored_images_intact() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from hierseg.data import shards
 from hierseg.data.loader import decode_sample, iter_raw_samples, resolve_shards
@@ -53,6 +54,37 @@ def test_builder_loader_and_predict_agree_with_the_formula(tmp_path: Path, dtype
     assert seen == 2 * 2 * 3  # 2 slices x near-equal tiles of at most 40: 70 -> 2 rows, 90 -> 3 columns
     manifest = json.loads((tmp_path / "s" / "train" / "manifest.json").read_text())
     assert manifest["intensity"]["dtype"] == np.dtype(dtype).name
+
+
+@pytest.mark.parametrize("stored_stats", [True, False], ids=["stats", "no-stats"])
+def test_a_training_crop_is_normalised_with_the_whole_slice_statistics(tmp_path: Path, stored_stats: bool) -> None:
+    """The loader converts only its crop, yet with the whole slice's mean/std (stored, or of the whole slice when an
+    old shard has none): the z-score formula over the whole slice, at the crop's place; padding 0 and uncertain."""
+    from hierseg.data.loader import crop_window, finish_crop, read_sample
+
+    vol = _volume(np.uint16)
+    np.save(tmp_path / "img.npy", vol)
+    np.save(tmp_path / "lab.npy", np.ones(vol.shape, np.uint8))
+    argv = ["--stack", "--images", str(tmp_path / "img.npy"), "--labels", str(tmp_path / "lab.npy"),
+            "--out", str(tmp_path / "s"), "--slabs", "train=0:2,val=3:4"]  # fmt: skip
+    assert shards.main(argv) == 0
+    raw = next(iter_raw_samples(resolve_shards(str(tmp_path / "s" / "train"))[0]))
+    z = json.loads(raw["json"])["slice"]
+    if not stored_stats:
+        raw = {**raw, "json": json.dumps({k: v for k, v in json.loads(raw["json"]).items() if k != "stats"})}
+    ref = vol[z].astype(np.float64)
+    expected = (ref - ref.mean()) / ref.std()
+    sample = read_sample(raw, {"mode": "zscore"})
+    for seed in range(4):
+        window = crop_window(sample.label, 48, torch.Generator().manual_seed(seed))
+        (ys, xs), _ = window
+        crop, label = finish_crop(sample, window, {"mode": "zscore"}, 12)
+        np.testing.assert_allclose(crop.numpy()[0], expected[ys, xs], rtol=1e-5, atol=1e-5)
+        assert label.dtype == torch.int64 and bool((label == 1).all())
+    window = crop_window(sample.label, 80, torch.Generator())  # taller than the 70-pixel slice: padded after
+    crop, label = finish_crop(sample, window, {"mode": "zscore"}, 12)
+    assert crop.shape == (1, 80, 80) and bool((crop[0, 70:] == 0).all()) and bool((label[70:] == -1).all())
+    np.testing.assert_allclose(crop.numpy()[0, :70, :80], expected[:, window[0][1]], rtol=1e-5, atol=1e-5)
 
 
 def test_percentile_and_range_modes_resolve_to_fixed_numbers() -> None:

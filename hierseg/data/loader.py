@@ -25,6 +25,7 @@ loader workers, so each slice, whole and uncropped, is seen exactly once over al
 
 from __future__ import annotations
 
+import functools
 import glob
 import io
 import json
@@ -34,20 +35,30 @@ import shlex
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlparse
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from hierseg.data.normalize import normalize, normalize_block
+from hierseg.data.normalize import image_stats, normalize, normalize_block
 from hierseg.spec import DataSpec
 
 MANIFEST = "manifest.json"
 SHARD_FORMAT = "hierseg-shards/2"
 Batch = tuple[torch.Tensor, torch.Tensor]
+CropWindow = tuple[tuple[slice, ...], list[int]]
+"""A crop's box inside its sample and the padding after it, per axis (:func:`crop_window`)."""
+
+
+class StoredSample(NamedTuple):
+    """A stored sample as read (raw dtypes, read-only views of the tar bytes), before any conversion."""
+
+    image: np.ndarray  # [C, *S] raw values
+    label: np.ndarray  # [*S] fine classes and set ids of its source, -1 uncertain
+    stats: Any  # the whole slice's image_stats (a 3D block: a list, one per slice), or None
 
 
 # ------------------------------------------------------------------------------------------- shard URLs
@@ -205,41 +216,102 @@ def iter_raw_samples(url: str) -> Iterator[dict[str, Any]]:
         stream.close()
 
 
-def decode_sample(
-    raw: dict[str, Any], norm: dict[str, Any], num_labels: int, remap: np.ndarray | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised ``float32 [C,h,w]`` image and ``int64 [h,w]`` label of a stored slice or tile (a 3D block:
-    ``[C,d,h,w]`` and ``[d,h,w]``).
+def _npy(data: bytes) -> np.ndarray:
+    """A stored ``.npy`` member as a read-only view of the tar's bytes (no copy; every use copies what it keeps)."""
+    if data[:6] != b"\x93NUMPY" or len(data) < 12:
+        raise ValueError("a .npy member does not start with the .npy magic; the shard is damaged")
+    # header length: 2 bytes in format 1.0, 4 bytes in 2.0 and later (the .npy format's own layout)
+    start = 10 if data[6] == 1 else 12
+    size = int.from_bytes(data[8:start], "little")
+    shape, fortran, dtype = _npy_header(data[: start + size])
+    flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=start + size)
+    return flat.reshape(shape, order="F" if fortran else "C")
 
-    ``norm`` is the run's resolved normalisation (:func:`hierseg.data.normalize.normalize`), applied
-    with the whole slice's statistics stored beside the tile (a block: each slice with its own,
-    :func:`hierseg.data.normalize.normalize_block`); labels must lie in ``-1 .. num_labels - 1``
-    (fine classes, then label-set ids), which is checked here so that a bad value names its sample
-    instead of failing deep inside the loss (a device-side assert on GPU). ``remap`` (a source of a
-    multi-source run, :mod:`hierseg.data.sources`) then turns the source's set ids into the merged
-    table's: ``label = remap[label + 1]``.
+
+@functools.lru_cache(maxsize=256)
+def _npy_header(prefix: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Shape, Fortran order and dtype of a ``.npy`` header, parsed by numpy once per distinct header (the
+    samples of a shard share a handful; parsing evaluates a Python literal, a sizeable part of a sample's cost)."""
+    buf = io.BytesIO(prefix)
+    version = np.lib.format.read_magic(buf)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(buf)
+    if dtype.hasobject:
+        raise ValueError("an .npy member holds Python objects; shards hold numbers only")
+    return shape, fortran, dtype
+
+
+def read_sample(raw: dict[str, Any], norm: dict[str, Any]) -> StoredSample:
+    """The raw ``image [C,*S]`` and ``label [*S]`` of a stored slice, tile or 3D block, with the statistics
+    the normalisation needs (the whole slice's, stored beside it; a 3D block: one per slice).
+
+    Nothing is converted yet: the training loader crops first (:func:`finish_crop`, which checks the
+    label values it converts).
     """
     for part in ("image.npy", "label.npy"):
         if part not in raw:
             raise ValueError(f"missing member {part} (has {sorted(k for k in raw if not k.startswith('__'))})")
-    image = np.load(io.BytesIO(raw["image.npy"]), allow_pickle=False)
-    label = np.load(io.BytesIO(raw["label.npy"]), allow_pickle=False)
+    image, label = _npy(raw["image.npy"]), _npy(raw["label.npy"])
     if image.ndim == 2:
         image = image[None]
     if label.ndim not in (2, 3) or image.ndim != label.ndim + 1 or image.shape[1:] != label.shape:
         raise ValueError(f"image shape {image.shape} does not fit label shape {label.shape}")
     if label.dtype.kind not in "iu":
         raise ValueError(f"label must be integers, got dtype {label.dtype}")
+    stats = (json.loads(raw["json"]) if "json" in raw else {}).get("stats")
+    if stats is None and norm.get("mode") == "zscore":
+        # shards without stored statistics: the whole slice's, as prediction computes them, never the crop's
+        stats = image_stats(image) if label.ndim == 2 else [image_stats(image[:, z]) for z in range(label.shape[0])]
+    return StoredSample(image, label, stats)
+
+
+def finish_crop(
+    sample: StoredSample, window: CropWindow, norm: dict[str, Any], num_labels: int, remap: np.ndarray | None = None
+) -> Batch:
+    """``float32 [C,*s]`` normalised image and ``int64 [*s]`` label of ``window`` of a stored sample.
+
+    Only the window is converted (a 256^2 crop of a 1024^2 slice costs 1/16 of the whole), with the
+    whole slice's statistics, so a crop equals the same pixels of the whole decoded slice. Padding
+    comes after normalisation: image 0 (the z-scored mean), label uncertain. Labels must lie in
+    ``-1 .. num_labels - 1`` (fine classes, then label-set ids), which is checked here so that a bad
+    value names its sample instead of failing deep inside the loss (a device-side assert on GPU); a
+    training crop checks what it uses, a whole decoded slice all of it. ``remap`` (a source of a
+    multi-source run, :mod:`hierseg.data.sources`) turns the source's set ids into the merged table's:
+    ``label = remap[label + 1]``.
+    """
+    box, pad_S = window
+    image = sample.image[(slice(None), *box)]
+    if sample.label.ndim == 2:
+        x = normalize(image, norm, sample.stats)
+    else:
+        x = normalize_block(image, norm, None if sample.stats is None else sample.stats[box[0]])
+    label = sample.label[box]
     if label.size and (label.min() < -1 or label.max() >= num_labels):
         bad = int(label.max()) if label.max() >= num_labels else int(label.min())
         raise ValueError(
             f"label value {bad} is outside -1..{num_labels - 1} (fine classes 0..11, then the manifest's label sets)"
         )
-    meta = json.loads(raw["json"]) if "json" in raw else {}
-    stats = meta.get("stats")  # a 2D slice's statistics, or a 3D block's list of them (one per slice)
-    x = normalize(image, norm, stats) if label.ndim == 2 else normalize_block(image, norm, stats)
-    label = label.astype(np.int64) if remap is None else remap[label.astype(np.int64) + 1]
-    return torch.from_numpy(x), torch.from_numpy(label)
+    label = label.astype(np.int64)
+    label = label if remap is None else remap[label + 1]
+    x_t, label_t = torch.from_numpy(x), torch.from_numpy(label)
+    if any(pad_S):
+        pad = [v for p in reversed(pad_S) for v in (0, p)]  # F.pad: (before, after) from the last axis
+        x_t, label_t = F.pad(x_t, pad), F.pad(label_t, pad, value=-1)
+    return x_t, label_t
+
+
+def decode_sample(
+    raw: dict[str, Any], norm: dict[str, Any], num_labels: int, remap: np.ndarray | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised ``float32 [C,h,w]`` image and ``int64 [h,w]`` label of a whole stored slice or tile (a 3D
+    block: ``[C,d,h,w]`` and ``[d,h,w]``): :func:`read_sample`, then :func:`finish_crop` of all of it.
+
+    ``norm`` is the run's resolved normalisation (:func:`hierseg.data.normalize.normalize`), applied
+    with the whole slice's statistics stored beside the tile.
+    """
+    sample = read_sample(raw, norm)
+    whole = (tuple(slice(0, n) for n in sample.label.shape), [0] * sample.label.ndim)
+    return finish_crop(sample, whole, norm, num_labels, remap)
 
 
 class BadSamplePolicy:
@@ -274,10 +346,26 @@ def _decode_or_none(raw: dict[str, Any], cfg: dict[str, Any], policy: BadSampleP
         return None
 
 
+def _read_or_none(raw: dict[str, Any], cfg: dict[str, Any], policy: BadSamplePolicy) -> StoredSample | None:
+    try:
+        return read_sample(raw, cfg["normalization"])
+    except Exception as e:
+        policy(raw.get("__url__", "?"), raw.get("__key__"), e)
+        return None
+
+
 # -------------------------------------------------------------------------------------------- training
 def _seed(*parts: int) -> int:
     """A 63-bit seed from integer parts (stable across processes and Python versions)."""
     return int(np.random.SeedSequence([p & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def _collate(samples: list[Batch]) -> Batch:
+    """Stack samples into one batch; in a loader worker straight into shared memory (torch's
+    ``default_collate`` does that), which saves copying every batch once more on its way to the
+    training process (a 16 x 256^2 batch is 12.6 MB)."""
+    images, labels = default_collate(samples)
+    return images, labels
 
 
 def _shuffled(items: Iterator[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
@@ -314,6 +402,33 @@ def class_weights(manifest: dict | None) -> torch.Tensor:
 _CROP_TRIES = 4
 
 
+def crop_window(
+    label_S: np.ndarray, size: int | list[int], gen: torch.Generator, class_weights: torch.Tensor | None = None
+) -> CropWindow:
+    """Where a crop of ``size`` (an int: ``size x size`` of a 2D slice; ``[z, y, x]``: of a 3D block) lies in a
+    sample with labels ``label_S``, drawn from ``gen``, one draw per axis in axis order (so resume replays it).
+
+    Uniform positions, or with ``class_weights`` centred on a voxel of a class drawn by weight among
+    the classes present (single-class valid voxels only; uniform when none is present). Returns the box
+    inside the sample and, per axis, how much to pad after it where the sample is smaller than ``size``.
+    """
+    size_S = (size, size) if isinstance(size, int) else tuple(size)
+    if len(size_S) != label_S.ndim:
+        raise ValueError(
+            f"a {len(size_S)}D patch {list(size_S)} (data.patch_size) cannot be cut from a {label_S.ndim}D sample of "
+            f"shape {list(label_S.shape)}: model.dims must match the shards (3D needs make-shards --stack --dims 3)"
+        )
+    padded_S = [max(n, s) for n, s in zip(label_S.shape, size_S)]  # a short axis is padded after its end
+    centre = _weighted_voxel(label_S, class_weights, gen) if class_weights is not None else None
+    if centre is None:
+        start = [int(torch.randint(0, n - s + 1, (), generator=gen)) for n, s in zip(padded_S, size_S)]
+    else:
+        start = [min(max(c - s // 2, 0), n - s) for c, s, n in zip(centre, size_S, padded_S)]
+    stop = [min(a + s, n) for a, s, n in zip(start, size_S, label_S.shape)]
+    box = tuple(slice(a, b) for a, b in zip(start, stop))
+    return box, [a + s - b for a, s, b in zip(start, size_S, stop)]
+
+
 def random_crop(
     image_CS: torch.Tensor,
     label_S: torch.Tensor,
@@ -321,44 +436,27 @@ def random_crop(
     gen: torch.Generator,
     class_weights: torch.Tensor | None = None,
 ) -> Batch:
-    """A crop of ``size`` (an int: ``size x size`` of a 2D slice; ``[z, y, x]``: of a 3D block) at a position
-    drawn from ``gen``, one draw per axis in axis order (so resume replays it exactly).
-
-    Uniform positions, or with ``class_weights`` centred on a voxel of a class drawn by weight among
-    the classes present (single-class valid voxels only; uniform when none is present). A sample
-    smaller than ``size`` is padded: image with 0 (the z-scored mean), label with uncertain.
-    """
-    size_S = (size, size) if isinstance(size, int) else tuple(size)
-    if len(size_S) != label_S.dim():
-        raise ValueError(
-            f"a {len(size_S)}D patch {list(size_S)} (data.patch_size) cannot be cut from a {label_S.dim()}D sample of "
-            f"shape {list(label_S.shape)}: model.dims must match the shards (3D needs make-shards --stack --dims 3)"
-        )
-    short_S = [max(0, s - n) for s, n in zip(size_S, label_S.shape)]
-    if any(short_S):
-        pad = [v for p in reversed(short_S) for v in (0, p)]  # F.pad: (before, after) from the last axis
-        image_CS = F.pad(image_CS, pad)
-        label_S = F.pad(label_S, pad, value=-1)
-    centre = _weighted_voxel(label_S, class_weights, gen) if class_weights is not None else None
-    if centre is None:
-        start = [int(torch.randint(0, n - s + 1, (), generator=gen)) for n, s in zip(label_S.shape, size_S)]
-    else:
-        start = [min(max(c - s // 2, 0), n - s) for c, s, n in zip(centre, size_S, label_S.shape)]
-    box = tuple(slice(a, a + s) for a, s in zip(start, size_S))
-    return image_CS[(slice(None), *box)], label_S[box]
+    """A crop of ``size`` of a decoded sample at the position :func:`crop_window` draws from ``gen``; a sample
+    smaller than ``size`` is padded: image with 0 (the z-scored mean), label with uncertain."""
+    box, pad_S = crop_window(label_S.numpy(), size, gen, class_weights)
+    image, label = image_CS[(slice(None), *box)], label_S[box]
+    if any(pad_S):
+        pad = [v for p in reversed(pad_S) for v in (0, p)]  # F.pad: (before, after) from the last axis
+        image, label = F.pad(image, pad), F.pad(label, pad, value=-1)
+    return image, label
 
 
-def _weighted_voxel(label_S: torch.Tensor, weights: torch.Tensor, gen: torch.Generator) -> tuple[int, ...] | None:
+def _weighted_voxel(label_S: np.ndarray, weights: torch.Tensor, gen: torch.Generator) -> tuple[int, ...] | None:
     """A random voxel of a class drawn with probability ~ weight among the classes present; None if none is."""
-    fine = label_S[(label_S >= 0) & (label_S < weights.numel())]
-    present = torch.bincount(fine, minlength=weights.numel()) > 0
+    fine = label_S[(label_S >= 0) & (label_S < weights.numel())].astype(np.int64)
+    present = torch.from_numpy(np.bincount(fine, minlength=weights.numel()) > 0)
     p = weights * present
     if float(p.sum()) <= 0:
         return None
     c = int(torch.multinomial(p, 1, generator=gen))
-    idx = torch.nonzero(label_S.reshape(-1) == c).squeeze(1)
-    flat = int(idx[int(torch.randint(0, idx.numel(), (), generator=gen))])
-    return tuple(int(i) for i in np.unravel_index(flat, tuple(label_S.shape)))
+    idx = np.flatnonzero(label_S == c)
+    flat = int(idx[int(torch.randint(0, idx.size, (), generator=gen))])
+    return tuple(int(i) for i in np.unravel_index(flat, label_S.shape))
 
 
 class _TrainSource(IterableDataset):
@@ -381,17 +479,22 @@ class _TrainSource(IterableDataset):
     def _prepare(
         self, raw: dict, gen: torch.Generator, policy: BadSamplePolicy, cfg: dict | None = None
     ) -> Batch | None:
-        """Decode a stored slice, draw a random crop with some valid pixel, augment it."""
+        """Read a stored slice, draw a random crop with some valid pixel, convert only the crop, augment it."""
         cfg = cfg or self.cfg
-        sample = _decode_or_none(raw, cfg, policy)
+        sample = _read_or_none(raw, cfg, policy)
         if sample is None:
             return None
         for _ in range(_CROP_TRIES):
-            image, label = random_crop(*sample, self.cfg["patch_size"], gen, cfg["class_weights"])
-            if (label >= 0).any():
+            window = crop_window(sample.label, self.cfg["patch_size"], gen, cfg["class_weights"])
+            if (sample.label[window[0]] >= 0).any():  # the padding is uncertain, so the box decides
                 break
         else:
             return None  # a mostly uncertain slice: every try landed on uncertain pixels only
+        try:
+            image, label = finish_crop(sample, window, cfg["normalization"], cfg["num_labels"], cfg.get("remap"))
+        except ValueError as e:
+            policy(raw.get("__url__", "?"), raw.get("__key__"), e)
+            return None
         if self.cfg["augment"] is not None:
             from hierseg.data.augment import augment
 
@@ -422,7 +525,7 @@ class _TrainSource(IterableDataset):
                 kept += 1
                 pending.append(sample)
                 if len(pending) == self.cfg["batch_size"]:
-                    batch = (torch.stack([s[0] for s in pending]), torch.stack([s[1] for s in pending]))
+                    batch = _collate(pending)
                     pending = []
                     yield batch, (lw, epoch, i + 1)
             if kept == 0 and skip == 0:
@@ -568,7 +671,7 @@ class _MixedTrainSource(_TrainSource):
                 continue
             pending.append(sample)
             if len(pending) == self.cfg["batch_size"]:
-                batch = (torch.stack([s[0] for s in pending]), torch.stack([s[1] for s in pending]))
+                batch = _collate(pending)
                 pending = []
                 yield batch, (lw, j, list(positions))
 
