@@ -293,11 +293,15 @@ def finish_crop(
         )
     label = label.astype(np.int64)
     label = label if remap is None else remap[label + 1]
-    x_t, label_t = torch.from_numpy(x), torch.from_numpy(label)
-    if any(pad_S):
-        pad = [v for p in reversed(pad_S) for v in (0, p)]  # F.pad: (before, after) from the last axis
-        x_t, label_t = F.pad(x_t, pad), F.pad(label_t, pad, value=-1)
-    return x_t, label_t
+    return _pad_after(torch.from_numpy(x), torch.from_numpy(label), pad_S)
+
+
+def _pad_after(image_CS: torch.Tensor, label_S: torch.Tensor, pad_S: list[int]) -> Batch:
+    """Pad each axis after its end by ``pad_S``: image with 0 (the z-scored mean), label with uncertain."""
+    if not any(pad_S):
+        return image_CS, label_S
+    pad = [v for p in reversed(pad_S) for v in (0, p)]  # F.pad: (before, after) from the last axis
+    return F.pad(image_CS, pad), F.pad(label_S, pad, value=-1)
 
 
 def decode_sample(
@@ -439,11 +443,7 @@ def random_crop(
     """A crop of ``size`` of a decoded sample at the position :func:`crop_window` draws from ``gen``; a sample
     smaller than ``size`` is padded: image with 0 (the z-scored mean), label with uncertain."""
     box, pad_S = crop_window(label_S.numpy(), size, gen, class_weights)
-    image, label = image_CS[(slice(None), *box)], label_S[box]
-    if any(pad_S):
-        pad = [v for p in reversed(pad_S) for v in (0, p)]  # F.pad: (before, after) from the last axis
-        image, label = F.pad(image, pad), F.pad(label, pad, value=-1)
-    return image, label
+    return _pad_after(image_CS[(slice(None), *box)], label_S[box], pad_S)
 
 
 def _weighted_voxel(label_S: np.ndarray, weights: torch.Tensor, gen: torch.Generator) -> tuple[int, ...] | None:
