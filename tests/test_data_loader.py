@@ -167,6 +167,10 @@ def test_label_out_of_range_and_old_format_name_the_culprit(tmp_path) -> None:
     data = DataSpec(train=str(folder), val=str(folder), batch_size=1, num_workers=0)
     with pytest.raises(ValueError, match=r"shard-000000\.tar: label value 50 is outside -1\.\.11"):
         list(val_loader(data, rank=0, world_size=1))
+    # a cut-short .npy member inside an intact tar says so
+    short = {**src, "image.npy": src["image.npy"][:-10]}
+    with pytest.raises(ValueError, match=r"holds \d+ of its \d+ data bytes; the shard is damaged"):
+        decode_sample(short, {"mode": "zscore"}, 12)
     # training checks the crop it converts: one covering the bad pixel names the sample too
     covering = DataSpec(train=str(folder), val=str(folder), batch_size=1, num_workers=0, patch_size=128)
     with pytest.raises(ValueError, match=r"shard-000000\.tar: label value 50 is outside -1\.\.11"):

@@ -90,7 +90,8 @@ JobCompType=jobcomp/none
 SlurmctldTimeout=30
 SlurmdTimeout=30
 # The main scheduler also runs every sched_interval (default 60 s): a requeued job whose begin time has
-# passed waits for that pass, 16 s more on average here; one node and a handful of jobs make 2 s cheap.
+# passed waits for that pass (16 s more in the requeue test, measured); one node and a handful of jobs make
+# 2 s cheap.
 SchedulerParameters=sched_interval=2
 MaxArraySize=10001
 $node_line NodeAddr=127.0.0.1 State=UNKNOWN

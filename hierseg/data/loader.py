@@ -224,6 +224,9 @@ def _npy(data: bytes) -> np.ndarray:
     start = 10 if data[6] == 1 else 12
     size = int.from_bytes(data[8:start], "little")
     shape, fortran, dtype = _npy_header(data[: start + size])
+    have, need = len(data) - start - size, math.prod(shape) * dtype.itemsize
+    if have < need:
+        raise ValueError(f"a .npy member holds {have} of its {need} data bytes; the shard is damaged")
     flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=start + size)
     return flat.reshape(shape, order="F" if fortran else "C")
 
