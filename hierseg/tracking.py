@@ -57,21 +57,30 @@ class NullTracker:
 class MlflowTracker:
     """Logs into an existing MLflow run from a background thread, so an outage never stalls training.
 
-    Metrics are buffered and sent with ``log_batch``; figures are rendered here and uploaded by the
-    sender. A failed send is retried with back-off for ``retry_s``, then kept and sent with the next
-    batch. ``wait()`` (the end of a run) is bounded by :func:`final_timeout_s` and by SIGTERM/SIGINT:
-    what is still unsent then goes to the offline record (:func:`set_offline_record`), replayable
-    with ``hierseg replay-tracking``; without a record it stays in memory for a later attempt.
+    Metrics are buffered and sent with ``log_batch`` every ``flush_every`` metrics or ``flush_s``
+    seconds, whichever comes first (by count alone, a slow run, e.g. 3D at a few steps a minute,
+    showed no curve in MLflow until it ended); figures are rendered here and uploaded by the sender.
+    A failed send is retried with back-off for ``retry_s``, then kept and sent with the next batch.
+    ``wait()`` (the end of a run) is bounded by :func:`final_timeout_s` and by SIGTERM/SIGINT: what
+    is still unsent then goes to the offline record (:func:`set_offline_record`), replayable with
+    ``hierseg replay-tracking``; without a record it stays in memory for a later attempt.
     """
 
     def __init__(
-        self, uri: str, run_id: str, flush_every: int = 200, retry_s: float = 120.0, record: Path | None = None
+        self,
+        uri: str,
+        run_id: str,
+        flush_every: int = 200,
+        retry_s: float = 120.0,
+        record: Path | None = None,
+        flush_s: float = 30.0,
     ):
         from mlflow.tracking import MlflowClient
 
         self.uri, self.run_id = uri, run_id
         self.client = MlflowClient(tracking_uri=uri)
-        self.flush_every, self.retry_s = flush_every, retry_s
+        self.flush_every, self.flush_s, self.retry_s = flush_every, flush_s, retry_s
+        self._last_flush = time.monotonic()
         self._record = record
         self._keys = itertools.count()
         self.offline = False
@@ -100,11 +109,12 @@ class MlflowTracker:
 
         now = int(time.time() * 1000)
         self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items() if v == v]  # drop NaN
-        if len(self._pending) >= self.flush_every:
+        if len(self._pending) >= self.flush_every or time.monotonic() - self._last_flush >= self.flush_s:
             self.flush()
 
     def flush(self) -> None:
         """Hand the buffered metrics to the sender; returns at once."""
+        self._last_flush = time.monotonic()
         if self._pending:
             with self._lock:
                 self._outbox += self._pending

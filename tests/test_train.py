@@ -24,6 +24,7 @@ from tests.train_utils import (
     descendant_pids,
     mlflow_runs,
     ray_env,
+    sqlite_store,
     tiny_spec,
     train_cli,
     write_spec,
@@ -180,6 +181,27 @@ def test_non_finite_loss_stops_naming_the_step(shards, tmp_path):
         job.model.fine_head.bias.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="non-finite loss at step 1"):
         train_step(job, images, labels)
+
+
+def test_tracked_metrics_reach_mlflow_within_flush_s_while_the_run_goes_on(tmp_path):
+    """Few metrics, slow steps: they are in the MLflow store after ``flush_s``, before the run's final wait()."""
+    import mlflow
+
+    from hierseg.tracking import MlflowTracker
+
+    uri = sqlite_store(tmp_path)
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("flush")).info.run_id
+    tracker = MlflowTracker(uri, run_id, flush_every=10_000, flush_s=0.5)  # count alone would never send
+    tracker.log_metrics({"train/loss_fine": 1.0}, step=1)
+    time.sleep(0.6)
+    tracker.log_metrics({"train/loss_fine": 0.5}, step=2)  # a "slow step" later: this call hands both over
+    deadline = time.monotonic() + 20
+    while len(client.get_metric_history(run_id, "train/loss_fine")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    got = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/loss_fine"))
+    assert got == [(1, 1.0), (2, 0.5)]
+    assert tracker.wait()
 
 
 def test_tracking_outage_mid_run_is_buffered_not_fatal(monkeypatch):
