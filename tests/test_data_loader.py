@@ -95,7 +95,7 @@ def test_class_balanced_runs(shard_dir) -> None:
     data = DataSpec(train=str(shard_dir), val=str(shard_dir), batch_size=2, num_workers=0, class_balanced=True,
                     patch_size=48)  # fmt: skip
     images, labels = next(iter(train_loader(data, rank=0, world_size=1, batch_size=2, seed=0)))
-    assert images.shape == (2, 1, 48, 48) and labels.dtype == torch.int64
+    assert images.shape == (2, 1, 48, 48) and labels.dtype == torch.int16
 
 
 def test_crops_are_fresh_per_visit_deterministic_per_seed() -> None:

@@ -80,7 +80,7 @@ def test_a_training_crop_is_normalised_with_the_whole_slice_statistics(tmp_path:
         (ys, xs), _ = window
         crop, label = finish_crop(sample, window, {"mode": "zscore"}, 12)
         np.testing.assert_allclose(crop.numpy()[0], expected[ys, xs], rtol=1e-5, atol=1e-5)
-        assert label.dtype == torch.int64 and bool((label == 1).all())
+        assert label.dtype == torch.int16 and bool((label == 1).all())
     window = crop_window(sample.label, 80, torch.Generator())  # taller than the 70-pixel slice: padded after
     crop, label = finish_crop(sample, window, {"mode": "zscore"}, 12)
     assert crop.shape == (1, 80, 80) and bool((crop[0, 70:] == 0).all()) and bool((label[70:] == -1).all())

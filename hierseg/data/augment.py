@@ -129,7 +129,7 @@ def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def augment(image: torch.Tensor, label: torch.Tensor, spec: AugmentSpec, gen: torch.Generator):
-    """Full training augmentation of one ``[C,H,W]`` float image and ``[H,W]`` int64 label (3D: ``[C,D,H,W]``
+    """Full training augmentation of one ``[C,H,W]`` float image and ``[H,W]`` integer label (3D: ``[C,D,H,W]``
     and ``[D,H,W]``)."""
     image, label = geometric(image, label, spec, gen)
     return intensity(image, spec, gen), label

@@ -1,4 +1,8 @@
-"""Streaming loaders: WebDataset tar shards -> ``(image [B,C,*S] float32, label [B,*S] int64)`` batches.
+"""Streaming loaders: WebDataset tar shards -> ``(image [B,C,*S] float32, label [B,*S] int16)`` batches.
+
+Labels travel as int16, the shards' own type (fine classes, label-set ids and -1 all fit): a quarter
+of int64's bytes to copy into shared memory, between processes and onto the GPU. The consumers (the
+training step, scoring) widen them to int64 on the device, where the loss and the metrics index with them.
 
 ``S`` is ``(H, W)`` for 2D shards (whole slices or tiles) and ``(D, H, W)`` for 3D shards (blocks of a
 stack, ``make-shards --stack --dims 3``): one stream, one crop function and one seed scheme serve both,
@@ -49,6 +53,8 @@ from hierseg.spec import DataSpec
 MANIFEST = "manifest.json"
 SHARD_FORMAT = "hierseg-shards/2"
 Batch = tuple[torch.Tensor, torch.Tensor]
+LABEL_DTYPE = np.int16
+"""Labels in batches (the stored type); every label value is below 2^15 (12 classes plus the label sets)."""
 CropWindow = tuple[tuple[slice, ...], list[int]]
 """A crop's box inside its sample and the padding after it, per axis (:func:`crop_window`)."""
 
@@ -271,7 +277,7 @@ def read_sample(raw: dict[str, Any], norm: dict[str, Any]) -> StoredSample:
 def finish_crop(
     sample: StoredSample, window: CropWindow, norm: dict[str, Any], num_labels: int, remap: np.ndarray | None = None
 ) -> Batch:
-    """``float32 [C,*s]`` normalised image and ``int64 [*s]`` label of ``window`` of a stored sample.
+    """``float32 [C,*s]`` normalised image and ``int16 [*s]`` label of ``window`` of a stored sample.
 
     Only the window is converted (a 256^2 crop of a 1024^2 slice costs 1/16 of the whole), with the
     whole slice's statistics, so a crop equals the same pixels of the whole decoded slice. Padding
@@ -289,13 +295,14 @@ def finish_crop(
     else:
         x = normalize_block(image, norm, None if sample.stats is None else sample.stats[box[0]])
     label = sample.label[box]
+    if num_labels > np.iinfo(LABEL_DTYPE).max:
+        raise ValueError(f"{num_labels} label values do not fit the loader's int16 labels (at most 32767)")
     if label.size and (label.min() < -1 or label.max() >= num_labels):
         bad = int(label.max()) if label.max() >= num_labels else int(label.min())
         raise ValueError(
             f"label value {bad} is outside -1..{num_labels - 1} (fine classes 0..11, then the manifest's label sets)"
         )
-    label = label.astype(np.int64)
-    label = label if remap is None else remap[label + 1]
+    label = (label if remap is None else remap[label + 1]).astype(LABEL_DTYPE)  # a copy: the view is read-only
     return _pad_after(torch.from_numpy(x), torch.from_numpy(label), pad_S)
 
 
@@ -310,7 +317,7 @@ def _pad_after(image_CS: torch.Tensor, label_S: torch.Tensor, pad_S: list[int]) 
 def decode_sample(
     raw: dict[str, Any], norm: dict[str, Any], num_labels: int, remap: np.ndarray | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised ``float32 [C,h,w]`` image and ``int64 [h,w]`` label of a whole stored slice or tile (a 3D
+    """Normalised ``float32 [C,h,w]`` image and ``int16 [h,w]`` label of a whole stored slice or tile (a 3D
     block: ``[C,d,h,w]`` and ``[d,h,w]``): :func:`read_sample`, then :func:`finish_crop` of all of it.
 
     ``norm`` is the run's resolved normalisation (:func:`hierseg.data.normalize.normalize`), applied

@@ -99,7 +99,7 @@ def run_eval_sources(
         k = int(tag[0]) if tag else 0
         options, space = per_source[k]
         for box, pred_S, coarse in _decided(model, image_1CS[0], device, options, space, hierarchy):
-            label_S = label_1S[0][box]
+            label_S = label_1S[0][box].long()  # the loader's int16; the metrics index with int64
             parts[k].update(pred_S[None], [c[None] for c in coarse], label_S[None])
             if len(shown) < num_samples:
                 shown.append(_plot_section(image_1CS[0][(slice(None), *box)], label_S, pred_S, coarse[0]))

@@ -147,7 +147,7 @@ def train_step(job: Job, images: torch.Tensor, labels: torch.Tensor) -> LossTerm
     """Forward, masked hierarchical loss with the global valid count, backward, clip, step."""
     device = job.ctx.device
     images_BCS = images.to(device, non_blocking=True)  # S: (H, W), or (D, H, W) for a 3D model
-    y_BS = labels.to(device, non_blocking=True)
+    y_BS = labels.to(device, non_blocking=True).long()  # int16 from the loader; the loss indexes with int64
     if device.type == "cuda" and job.spec.model.channels_last:
         images_BCS = images_BCS.contiguous(memory_format=memory_format(job.spec))
     dtype = job.autocast_dtype
