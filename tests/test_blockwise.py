@@ -212,7 +212,9 @@ def test_rerun_predicts_only_unfinished_blocks_and_survives_sigkill(work: Path, 
         (["--ray", "--block", "4,64,64"], "--block 4,64,64 is larger than the volume 3,150,170 along z"),
         (["--ray", "--block", BLOCK, "--halo", "1,12,12"], "the z halo must be 0"),
         (["--ray", "--block", "2,64"], "--block 2,64: give Z,Y,X"),
-        (["--block", BLOCK], "--block and --halo work with --ray only"),
+        (["--block", BLOCK], "--block, --halo and --track work with --ray only"),
+        (["--track"], "--block, --halo and --track work with --ray only"),
+        (["--ray", "--block", BLOCK, "--track"], "--track records the run in MLflow: give --tracking-uri"),
         (["--ray"], "--ray needs --block"),
         (["--ray", "--block", BLOCK, "--voxel-size", "4,4"], "--voxel-size is recorded in OME-Zarr outputs only"),
     ],
@@ -322,3 +324,35 @@ def test_unknown_model_alias_is_one_line_error(work: Path, capsys) -> None:
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "has no alias 'nosuchalias'" in err and "@champion -> 1" in err
     assert not (work / "alias.zarr").exists()
+
+
+def test_track_records_the_run_beside_the_models_training_run(work: Path, ray_cluster) -> None:
+    """``--track``: a FINISHED MLflow run in the model's run's experiment, tagged with that run, holding the
+    block counts, the voxels predicted and the store's record; a rerun records its skipped blocks."""
+    import json
+
+    import mlflow
+    import zarr
+
+    uri = sqlite_store(work / "track_registry")
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("trained", artifact_location=str(work / "track_artifacts"))
+    train_run = client.create_run(exp).info.run_id
+    client.log_artifacts(train_run, str(work / "model_a"), "model")
+    client.set_terminated(train_run)
+    argv = _args(work, "tracked.zarr", "--ray", "--block", BLOCK, "--ray-workers", "1", "--tracking-uri", uri,
+                 "--track")  # fmt: skip
+    argv[1] = f"runs:/{train_run}/model"
+    for _ in range(2):
+        predict_blockwise(parse_args(argv))
+    runs = client.search_runs([exp], "tags.`hierseg.kind` = 'predict'", order_by=["attributes.start_time ASC"])
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    first, again = (r.data for r in runs)
+    assert first.tags["hierseg.model_run_id"] == train_run and first.tags["hierseg.model"] == argv[1]
+    assert first.params["block"] == BLOCK and first.params["ray_workers"] == "1"
+    num_blocks = 2 * 3 * 3  # ceil(3/2) x ceil(150/64) x ceil(170/72)
+    assert first.metrics["blocks_computed"] == num_blocks and first.metrics["blocks_skipped"] == 0
+    assert first.metrics["voxels"] == np.prod(SHAPE)  # every voxel of the volume predicted once
+    assert again.metrics["blocks_computed"] == 0 and again.metrics["blocks_skipped"] == num_blocks
+    record = json.loads(Path(client.download_artifacts(runs[0].info.run_id, "blockwise.json", str(work))).read_text())
+    assert record == dict(zarr.open_group(str(work / "tracked.zarr"), mode="r").attrs[RECORD_ATTR])

@@ -56,6 +56,7 @@ from hierseg.serve.infer import (
     predict_region_probs,
     region_tiles,
 )
+from hierseg.serve.tracked import PredictionRun
 
 RECORD_ATTR = "hierseg_blockwise"
 DONE_ARRAY = "block_done"
@@ -208,7 +209,7 @@ def plan_job(args: argparse.Namespace) -> tuple[Job, Predictor]:
     from hierseg.serve.stackio import check_not_input, open_input
 
     if not args.ray:
-        raise PredictError("--block and --halo work with --ray only; add --ray or drop them")
+        raise PredictError("--block, --halo and --track work with --ray only; add --ray or drop them")
     if not args.block:
         raise PredictError("--ray needs --block Z,Y,X (the block shape and output chunks, e.g. 8,1024,1024)")
     if args.ray_workers < 1:
@@ -514,11 +515,23 @@ def run_blocks(workers: list[Any], job: Job, todo: list[Triple], zscore: bool, q
 
 
 def predict_blockwise(args: argparse.Namespace) -> BlockwiseResult:
-    """``hierseg predict --ray``: plan, create or reopen the store, predict the blocks not done on Ray workers."""
-    import ray
-
+    """``hierseg predict --ray``: plan, create or reopen the store, predict the blocks not done on Ray workers
+    (with ``--track``, recorded as an MLflow run: :mod:`hierseg.serve.tracked`)."""
     job, predictor = plan_job(args)
     record = job_record(job, predictor)
+    tracked = PredictionRun.start(job.model, job.tracking_uri, job.output, record, args.ray_workers) if args.track else None
+    result = None
+    try:
+        result = _predict_blocks(args, job, predictor, record)
+    finally:
+        if tracked is not None:
+            tracked.finish(result)
+    return result
+
+
+def _predict_blocks(args: argparse.Namespace, job: Job, predictor: Predictor, record: dict) -> BlockwiseResult:
+    import ray
+
     todo = open_store(job, record, predictor.hierarchy.num_groups[0], args.overwrite)
     total = len(job.grid.blocks())
     if not todo:

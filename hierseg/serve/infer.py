@@ -720,6 +720,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ray.add_argument("--halo", default=None, metavar="[Z,]Y,X", help="context past each block: Y,X (or 0,Y,X) for a "
                      "2D model, Z,Y,X for a 3D one; at least --overlap on each axis, the default")  # fmt: skip
     ray.add_argument("--ray-workers", type=int, default=2, metavar="N", help="Ray actors, each loading the model once")
+    ray.add_argument("--track", action="store_true",
+                     help="record the run in MLflow (--tracking-uri), in the experiment of the model's training run "
+                          "and tagged with it: settings, block counts, voxels/s (hierseg.serve.tracked)")  # fmt: skip
     return ap.parse_args(argv)
 
 
@@ -827,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
     from hierseg.serve.stackio import StackError, check_not_input, open_input, open_output
 
     args = parse_args(argv)
-    if args.ray or args.block or args.halo:
+    if args.ray or args.block or args.halo or args.track:
         from hierseg.serve.blockwise import main_blockwise
 
         return main_blockwise(args)
