@@ -519,7 +519,9 @@ def predict_blockwise(args: argparse.Namespace) -> BlockwiseResult:
     (with ``--track``, recorded as an MLflow run: :mod:`hierseg.serve.tracked`)."""
     job, predictor = plan_job(args)
     record = job_record(job, predictor)
-    tracked = PredictionRun.start(job.model, job.tracking_uri, job.output, record, args.ray_workers) if args.track else None
+    tracked = (
+        PredictionRun.start(job.model, job.tracking_uri, job.output, record, args.ray_workers) if args.track else None
+    )
     result = None
     try:
         result = _predict_blocks(args, job, predictor, record)
