@@ -326,6 +326,25 @@ def test_unknown_model_alias_is_one_line_error(work: Path, capsys) -> None:
     assert not (work / "alias.zarr").exists()
 
 
+@pytest.fixture
+def mlflow_globals():
+    """Restore MLflow's process-wide store URIs: loading a ``runs:/`` model in this process sets them, and a later
+    test's ``MlflowClient(uri)`` would then look for registered models in this test's store."""
+    import mlflow
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")  # set_*_uri export them for subprocesses
+    saved = {k: os.environ.get(k) for k in names}
+    yield
+    mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # None: back to "not set"
+    mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.mark.usefixtures("mlflow_globals")
 def test_track_records_the_run_beside_the_models_training_run(work: Path, ray_cluster) -> None:
     """``--track``: a FINISHED MLflow run in the model's run's experiment, tagged with that run, holding the
     block counts, the voxels predicted and the store's record; a rerun records its skipped blocks."""
