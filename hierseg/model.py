@@ -108,9 +108,31 @@ class _Layers(NamedTuple):
     max_pool: Callable[..., torch.Tensor]
 
 
+class Conv3d(nn.Conv3d):
+    """``nn.Conv3d`` (same parameters, same state dict) that runs an in-plane kernel ``(1, k, k)`` on the CPU
+    as a 2D convolution of every section.
+
+    Why: the arithmetic is the same, but PyTorch's CPU heuristic sends a 5D input of one or two blocks
+    (what a rank trains on) to its im2col fallback (``slow_conv3d``) instead of oneDNN; folding the sections
+    into the batch gets the 2D kernels (a base-8 3D U-Net step on a 4x256x256 block: 2.6x faster). GPUs
+    (cuDNN) take the 3D convolution as it is.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_plane = (self.kernel_size[0], self.stride[0], self.padding[0], self.dilation[0]) == (1, 1, 0, 1)
+        if x.device.type != "cpu" or x.dim() != 5 or not in_plane or self.padding_mode != "zeros":
+            return super().forward(x)
+        b, _, d, h, w = x.shape
+        x_NCHW = x.transpose(1, 2).reshape(b * d, -1, h, w)
+        y_NCHW = F.conv2d(
+            x_NCHW, self.weight[:, :, 0], self.bias, self.stride[1:], self.padding[1:], self.dilation[1:], self.groups
+        )
+        return y_NCHW.reshape(b, d, *y_NCHW.shape[1:]).transpose(1, 2)
+
+
 _LAYERS = {
     2: _Layers(nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.InstanceNorm2d, nn.Dropout2d, F.max_pool2d),
-    3: _Layers(nn.Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d, nn.InstanceNorm3d, nn.Dropout3d, F.max_pool3d),
+    3: _Layers(Conv3d, nn.ConvTranspose3d, nn.BatchNorm3d, nn.InstanceNorm3d, nn.Dropout3d, F.max_pool3d),
 }
 
 

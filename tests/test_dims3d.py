@@ -206,6 +206,28 @@ def test_planned_3d_network_pools_as_planned_and_keeps_the_input_shape():
     assert fine.shape == (2, 12, 3, 20, 21) and coarse.shape == (2, 5, 3, 20, 21)
 
 
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding"), [((1, 3, 3), 1, (0, 1, 1)), ((1, 3, 3), (1, 2, 2), (0, 1, 0)), ((1, 1, 1), 1, 0)]
+)
+def test_in_plane_3d_convolution_equals_torch_conv3d_values_and_gradients(kernel, stride, padding):
+    """hierseg's Conv3d (in-plane kernels run per section on CPU) equals ``F.conv3d``: output and gradients."""
+    from hierseg.model import Conv3d
+
+    torch.manual_seed(0)
+    conv = Conv3d(3, 5, kernel, stride=stride, padding=padding)
+    x = torch.randn(2, 3, 4, 9, 11, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    w_ref = conv.weight.detach().clone().requires_grad_(True)
+    out = conv(x)
+    ref = torch.nn.functional.conv3d(x_ref, w_ref, conv.bias.detach(), conv.stride, conv.padding)
+    assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)
+    g = torch.randn_like(ref)
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    assert torch.allclose(x.grad, x_ref.grad, atol=1e-5) and torch.allclose(conv.weight.grad, w_ref.grad, atol=1e-4)
+    assert set(conv.state_dict()) == {"weight", "bias"} and conv.weight.shape == (5, 3, *kernel)
+
+
 def test_2d_model_keeps_its_checkpoint_keys_and_layers():
     """dims 2 (the default) builds the same Conv2d U-Net as before: state-dict keys and shapes unchanged."""
     model = build_model(ModelSpec(depth=1, base_channels=4), Hierarchy.default())
