@@ -207,15 +207,24 @@ def test_planned_3d_network_pools_as_planned_and_keeps_the_input_shape():
 
 
 @pytest.mark.parametrize(
-    ("kernel", "stride", "padding"), [((1, 3, 3), 1, (0, 1, 1)), ((1, 3, 3), (1, 2, 2), (0, 1, 0)), ((1, 1, 1), 1, 0)]
+    ("kernel", "stride", "padding", "batch"),
+    [
+        ((1, 3, 3), 1, (0, 1, 1), 2),
+        ((1, 3, 3), (1, 2, 2), (0, 1, 0), 1),
+        ((1, 1, 1), 1, 0, 2),
+        ((3, 3, 3), 1, 1, 1),  # z-shifted sections
+        ((3, 3, 3), (1, 2, 2), (1, 0, 1), 1),
+        ((3, 3, 3), 1, (0, 1, 1), 1),
+        ((3, 3, 3), 1, 1, 2),  # torch's own 3D convolution
+    ],
 )
-def test_in_plane_3d_convolution_equals_torch_conv3d_values_and_gradients(kernel, stride, padding):
-    """hierseg's Conv3d (in-plane kernels run per section on CPU) equals ``F.conv3d``: output and gradients."""
+def test_3d_convolution_by_sections_equals_torch_conv3d_values_and_gradients(kernel, stride, padding, batch):
+    """hierseg's Conv3d (run as 2D convolutions of sections on CPU) equals ``F.conv3d``: output and gradients."""
     from hierseg.model import Conv3d
 
     torch.manual_seed(0)
     conv = Conv3d(3, 5, kernel, stride=stride, padding=padding)
-    x = torch.randn(2, 3, 4, 9, 11, requires_grad=True)
+    x = torch.randn(batch, 3, 4, 9, 11, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
     w_ref = conv.weight.detach().clone().requires_grad_(True)
     out = conv(x)
