@@ -1,6 +1,6 @@
 """2D vs 2.5D vs 3D on a real serial-section stack, side by side (issue 12's benchmark).
 
-    python bench/dims.py [--quick] [--seeds 0,1] [--steps N] [--batch B] [--patch P] [--zpatch Z]
+    python bench/dims.py [--quick] [--seeds 0,1] [--steps N] [--batch B] [--patch P] [--zpatch Z] [--xy3d Q]
         [--base-channels C] [--depth D] [--variants 2d,2.5d,3d] [--out DIR]
 
 vnc_sstem as binary mitochondria (source 191 vs every other value, a ``{not: [mitochondria]}`` label set,
@@ -13,13 +13,15 @@ hierseg's CLIs as a user runs them (``make_shards --stack``, ``train --launcher 
 - ``2.5d`` slices with +-1 neighbouring section as extra channels (``make_shards --context 1``,
            ``model.in_channels 3``), patches ``P x P``;
 - ``3d``   a 3D U-Net planned from the voxel size (50 x 4.6 x 4.6 nm: pooling in xy only until the voxel
-           is about isotropic), patches ``Z x P x P``.
+           is about isotropic), patches ``Z x Q x Q`` (``--xy3d``, default ``P``).
 
 Equal work: every variant trains on the same number of voxels, ``steps x batch x P x P``; the 3D one
-keeps the step count and takes ``batch / Z`` blocks per step. One scorer, here and independent of
-hierseg: IoU of "predicted mitochondria" (``fine_labels`` = 10) vs "labelled 191" over every pixel of
-the held-out sections pooled, and the worst section's IoU; mean and per-seed values per variant, and the
-training voxels/s of each (steady state: the first logging window left out), measured in this run.
+keeps the step count and takes ``batch x P^2 / (Z x Q^2)`` blocks per step (``batch / Z`` with ``Q = P``;
+a smaller ``Q`` gives the 3D model more, smaller blocks: more positions per step at the same voxels).
+One scorer, here and independent of hierseg: IoU of "predicted mitochondria" (``fine_labels`` = 10) vs
+"labelled 191" over every pixel of the held-out sections pooled, and the worst section's IoU; mean and per-
+seed values per variant, and the training voxels/s of each (steady state: the first logging window left out),
+measured in this run.
 Target (issue 12): 3D at least as good as the better of 2D and 2.5D.
 
 Outputs: ``results.json`` and ``logs/`` in the work folder (``--out``, or a temporary folder that is
@@ -59,6 +61,7 @@ class Config:
     batch: int
     patch: int
     zpatch: int
+    xy3d: int
     base_channels: int
     depth: int
     variants: list[str]
@@ -88,12 +91,13 @@ def build_shards(variant: str, work: Path, env: dict[str, str], label_map: Path)
 
 
 def batch_of(variant: str, cfg: Config) -> int:
-    """Blocks per step: the 3D variant sees ``zpatch`` sections per block, so it takes that many fewer."""
-    return cfg.batch // cfg.zpatch if variant == "3d" else cfg.batch
+    """Samples per step; a 3D block holds ``zpatch x xy3d^2`` voxels, so the 3D variant takes as many blocks
+    as give the 2D step's ``batch x patch^2`` voxels."""
+    return cfg.batch * cfg.patch**2 // patch_voxels(variant, cfg) if variant == "3d" else cfg.batch
 
 
 def patch_voxels(variant: str, cfg: Config) -> int:
-    return (cfg.zpatch if variant == "3d" else 1) * cfg.patch * cfg.patch
+    return cfg.zpatch * cfg.xy3d**2 if variant == "3d" else cfg.patch * cfg.patch
 
 
 def write_spec(variant: str, cfg: Config, shards: Path, work: Path) -> Path:
@@ -103,7 +107,7 @@ def write_spec(variant: str, cfg: Config, shards: Path, work: Path) -> Path:
         model["in_channels"] = 3
     if variant == "3d":
         model["dims"] = 3
-        patch = [cfg.zpatch, cfg.patch, cfg.patch]
+        patch = [cfg.zpatch, cfg.xy3d, cfg.xy3d]
     spec = {
         "data": {"train": str(shards / "train"), "val": str(shards / "val"), "batch_size": batch_of(variant, cfg),
                  "patch_size": patch, "num_workers": 1},
@@ -166,7 +170,7 @@ def report(results: dict, cfg: Config) -> None:
     print(f"{'variant':<8}{'patch':>14}{'IoU':>8}{'worst':>8}{'voxels/s':>12}   per seed")
     for v in cfg.variants:
         runs = [results["seeds"][str(s)][v] for s in cfg.seeds]
-        patch = f"{cfg.zpatch}x{cfg.patch}x{cfg.patch}" if v == "3d" else f"{cfg.patch}x{cfg.patch}"
+        patch = f"{cfg.zpatch}x{cfg.xy3d}x{cfg.xy3d}" if v == "3d" else f"{cfg.patch}x{cfg.patch}"
         per = " ".join(f"{r['iou']:.3f}" for r in runs)
         print(f"{v:<8}{patch:>14}{np.mean([r['iou'] for r in runs]):>8.3f}{np.mean([r['worst'] for r in runs]):>8.3f}"
               f"{np.mean([r['voxels_per_s'] for r in runs]):>12,.0f}   {per}")  # fmt: skip
@@ -177,6 +181,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, Path | None]:
     ap.add_argument("--quick", action="store_true", help="seed 0, 30 steps of 128 px, base 8 depth 3")
     for key in DEFAULT:
         ap.add_argument(f"--{key.replace('_', '-')}", type=str if key == "seeds" else int)
+    ap.add_argument("--xy3d", type=int, help="xy side of the 3D variant's blocks (default: --patch)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", type=Path, help="work folder to keep (default: a temporary folder)")
     a = ap.parse_args(argv)
@@ -185,8 +190,11 @@ def parse_args(argv: list[str] | None) -> tuple[Config, Path | None]:
     variants = [v for v in a.variants.split(",") if v]
     if not variants or set(variants) - set(VARIANTS):
         ap.error(f"--variants {a.variants}: choose from {','.join(VARIANTS)}")
-    if values["batch"] % values["zpatch"] or values["batch"] // values["zpatch"] < 2:
-        ap.error("--batch must be a multiple of --zpatch, at least 2 x --zpatch (3D blocks for 2 ranks)")
+    values["xy3d"] = a.xy3d or values["patch"]
+    step, block = values["batch"] * values["patch"] ** 2, values["zpatch"] * values["xy3d"] ** 2
+    if step % block or step // block < 2 or step // block % 2:
+        ap.error(f"3D blocks of {values['zpatch']}x{values['xy3d']}^2 voxels must fit a step's batch x patch^2 = "
+                 f"{step:,} voxels an even number of times, at least twice (blocks for 2 ranks)")  # fmt: skip
     seeds = [int(s) for s in str(values.pop("seeds")).split(",")]
     return Config(seeds=seeds, variants=variants, **values), a.out
 
