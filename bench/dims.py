@@ -19,8 +19,8 @@ Equal work: every variant trains on the same number of voxels, ``steps x batch x
 keeps the step count and takes ``batch x P^2 / (Z x Q^2)`` blocks per step (``batch / Z`` with ``Q = P``;
 a smaller ``Q`` gives the 3D model more, smaller blocks: more positions per step at the same voxels).
 One scorer, here and independent of hierseg: IoU of "predicted mitochondria" (``fine_labels`` = 10) vs
-"labelled 191" over every pixel of the held-out sections pooled, and the worst section's IoU; mean and per-
-seed values per variant, and the training voxels/s of each (steady state: the first logging window left out),
+"labelled 191" over every pixel of the held-out sections pooled, and the worst section's IoU; mean and
+per-seed values per variant, and the training voxels/s of each (steady state: the first logging window left out),
 measured in this run.
 Target (issue 12): 3D at least as good as the better of 2D and 2.5D.
 
@@ -65,6 +65,7 @@ class Config:
     base_channels: int
     depth: int
     variants: list[str]
+    sets: list[str]
 
 
 def write_label_map(work: Path) -> Path:
@@ -148,6 +149,7 @@ def run_variant(variant: str, cfg: Config, seed: int, ctx: dict) -> dict:
         shutil.rmtree(own, ignore_errors=True)
     cmd = [sys.executable, str(ROOT / "jobs" / "train.py"), "--spec", str(ctx["specs"][variant]),
            "--launcher", "ray", "--set", f"run.seed={seed}", "--set", f"run.name={name}"]  # fmt: skip
+    cmd += [arg for kv in cfg.sets for arg in ("--set", kv)]
     log = rd.run_cli(f"train_{name}", cmd, work, env)
     pred = work / "pred" / name
     rd.run_cli(f"predict_{name}", [sys.executable, str(ROOT / "jobs" / "predict.py"), "--model",
@@ -183,6 +185,8 @@ def parse_args(argv: list[str] | None) -> tuple[Config, Path | None]:
         ap.add_argument(f"--{key.replace('_', '-')}", type=str if key == "seeds" else int)
     ap.add_argument("--xy3d", type=int, help="xy side of the 3D variant's blocks (default: --patch)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra --set for every variant's train.py (ablations), repeatable")  # fmt: skip
     ap.add_argument("--out", type=Path, help="work folder to keep (default: a temporary folder)")
     a = ap.parse_args(argv)
     base = QUICK if a.quick else DEFAULT
@@ -196,7 +200,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, Path | None]:
         ap.error(f"3D blocks of {values['zpatch']}x{values['xy3d']}^2 voxels must fit a step's batch x patch^2 = "
                  f"{step:,} voxels an even number of times, at least twice (blocks for 2 ranks)")  # fmt: skip
     seeds = [int(s) for s in str(values.pop("seeds")).split(",")]
-    return Config(seeds=seeds, variants=variants, **values), a.out
+    return Config(seeds=seeds, variants=variants, sets=a.sets, **values), a.out
 
 
 def main(argv: list[str] | None = None) -> int:
