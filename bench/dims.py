@@ -1,7 +1,7 @@
 """2D vs 2.5D vs 3D on a real serial-section stack, side by side (issue 12's benchmark).
 
     python bench/dims.py [--quick] [--seeds 0,1] [--steps N] [--batch B] [--patch P] [--zpatch Z] [--xy3d Q]
-        [--base-channels C] [--depth D] [--variants 2d,2.5d,3d] [--out DIR]
+        [--base-channels C] [--depth D] [--variants 2d,2.5d,3d] [--set KEY=VALUE ...] [--out DIR]
 
 vnc_sstem as binary mitochondria (source 191 vs every other value, a ``{not: [mitochondria]}`` label set,
 as bench/realdata.py): train on sections 0..13, validation slab 15 (evaluated once, at the end, so it

@@ -226,14 +226,15 @@ def test_3d_convolution_by_sections_equals_torch_conv3d_values_and_gradients(ker
     conv = Conv3d(3, 5, kernel, stride=stride, padding=padding)
     x = torch.randn(batch, 3, 4, 9, 11, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
-    w_ref = conv.weight.detach().clone().requires_grad_(True)
+    w_ref, b_ref = (p.detach().clone().requires_grad_(True) for p in (conv.weight, conv.bias))
     out = conv(x)
-    ref = torch.nn.functional.conv3d(x_ref, w_ref, conv.bias.detach(), conv.stride, conv.padding)
+    ref = torch.nn.functional.conv3d(x_ref, w_ref, b_ref, conv.stride, conv.padding)
     assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)
     g = torch.randn_like(ref)
     (out * g).sum().backward()
     (ref * g).sum().backward()
     assert torch.allclose(x.grad, x_ref.grad, atol=1e-5) and torch.allclose(conv.weight.grad, w_ref.grad, atol=1e-4)
+    assert torch.allclose(conv.bias.grad, b_ref.grad, atol=1e-4)
     assert set(conv.state_dict()) == {"weight", "bias"} and conv.weight.shape == (5, 3, *kernel)
 
 
