@@ -113,11 +113,11 @@ class Conv3d(nn.Conv3d):
     where PyTorch's own choice is slow.
 
     Why: PyTorch's CPU heuristic sends a 5D input of one block (what a 3D rank trains on) whose
-    ``C x D x H`` is small to its im2col fallback (``slow_conv3d``) instead of oneDNN. The same sums as
-    2D convolutions: an in-plane kernel ``(1, k, k)`` is one 2D convolution of every section (always at
-    least as fast); a ``(kz, k, k)`` kernel is the sum of ``kz`` 2D convolutions of z-shifted sections
-    (3-6x faster than the fallback, 1.4x slower than oneDNN's 3D kernel, so only where the fallback would
-    run). A base-8 3D U-Net step on one 4x256x256 block: 2.6 s -> 0.53 s. GPUs (cuDNN) take ``nn.Conv3d``.
+    ``C x D x H`` is small to its im2col fallback (``slow_conv3d``) instead of oneDNN. There, and only
+    there, the same sums are computed as 2D convolutions: an in-plane kernel ``(1, k, k)`` as one 2D
+    convolution of every section, a ``(kz, k, k)`` kernel as the sum of ``kz`` 2D convolutions of z-shifted
+    sections (3-6x faster than the fallback; 1.4x slower than oneDNN's 3D kernel where torch picks that).
+    A base-8 3D U-Net step on one 4x256x256 block: 2.6 s -> 0.53 s. GPUs (cuDNN) take ``nn.Conv3d``.
     """
 
     FALLBACK_SIZE = 20480
@@ -143,7 +143,7 @@ class Conv3d(nn.Conv3d):
             return False
         if (self.stride[0], self.dilation[0]) != (1, 1):
             return False
-        return self.kernel_size[0] == 1 or (x.shape[0] == 1 and math.prod(x.shape[1:4]) <= self.FALLBACK_SIZE)
+        return x.shape[0] == 1 and math.prod(x.shape[1:4]) <= self.FALLBACK_SIZE
 
 
 _LAYERS = {
