@@ -121,13 +121,22 @@ def _peak_rss_mib(pid: int) -> float | None:
     return None
 
 
+def _default_sigint() -> None:
+    """In the child before exec: SIGINT back to its default action. A bench started in the background of a
+    non-interactive shell (``nohup ... &``) inherits SIGINT *ignored*, exec keeps that, and Python then installs
+    no KeyboardInterrupt handler: the Ctrl-C phase's SIGINT would be dropped and the run go on to the end
+    (measured once, 2026-12-02: exit 0 with every block done)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cli(name: str, cmd: list[str], hook: Any = None, timeout: float = 7200) -> Run:
     """Run ``cmd`` in its own session; poll its workers' peak RSS, calling ``hook(proc)`` at every poll."""
     env, tmp = env_for_run()
     run = Run(name)
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_default_sigint)  # fmt: skip
         try:
             while proc.poll() is None and time.perf_counter() - start < timeout:
                 for pid in descendant_pids(WORKER, proc.pid):
@@ -373,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is None:
             shutil.rmtree(work, ignore_errors=True)
     ok = all(r.get("output", "identical") == "identical" for r in results["speed"].values())
-    return 0 if ok and results["faults"]["rerun"]["output"] == "identical" else 1
+    interrupted = results["faults"]["ctrl_c"]["rc"] == 130  # otherwise the Ctrl-C phase tested nothing
+    return 0 if ok and interrupted and results["faults"]["rerun"]["output"] == "identical" else 1
 
 
 if __name__ == "__main__":
