@@ -184,9 +184,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--own-from", type=Path, metavar="RESULTS_JSON",
                     help="take the own models' scores from an earlier run's results.json (same settings) "
                          "instead of training them again")  # fmt: skip
-    ap.add_argument("--joint-from", type=Path, metavar="RESULTS_JSON",
-                    help="take the joint model's scores from an earlier run's results.json (same settings) "
-                         "instead of training it again; with it, only the own models train")  # fmt: skip
     ap.add_argument("--srf-map", type=Path, default=ROOT / "examples" / "label_maps" / "srf_tem.yaml",
                     help="srf_tem's label map (examples/label_maps/srf_tem_axoplasm.yaml: axon label 3 as the set "
                          "[axon, mitochondria], as the tracers drew it)")  # fmt: skip
@@ -199,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     env = rd.ray_env()
     sources = write_maps(work, cfg.srf_map.resolve())
     results: dict = {
-        "config": vars(cfg) | {k: str(getattr(cfg, k)) for k in ("out", "own_from", "joint_from", "srf_map")},
+        "config": vars(cfg) | {"out": str(cfg.out), "own_from": str(cfg.own_from), "srf_map": str(cfg.srf_map)},
         "seeds": {},
     }
     try:
@@ -211,12 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         if unknown or not joint_keys:
             raise rd.BenchError(f"--joint {cfg.joint}: unknown source(s) {unknown}; known: {', '.join(sources)}")
         earlier = json.loads(cfg.own_from.read_text())["seeds"] if cfg.own_from else {}
-        earlier_joint = json.loads(cfg.joint_from.read_text())["seeds"] if cfg.joint_from else {}
         for seed in [int(s) for s in cfg.seeds.split(",")]:
             own = {k: (earlier[str(seed)]["own"][k] if earlier else train_and_score(k, [k], ctx, cfg.steps, seed)[k])
                    for k in joint_keys}  # fmt: skip
-            joint = (earlier_joint[str(seed)]["joint"] if earlier_joint
-                     else train_and_score("joint", joint_keys, ctx, len(joint_keys) * cfg.steps, seed))  # fmt: skip
+            joint = train_and_score("joint", joint_keys, ctx, len(joint_keys) * cfg.steps, seed)
             results["seeds"][seed] = {"own": own, "joint": joint}
             (work / "results.json").write_text(json.dumps(rd._finite(results), indent=1) + "\n")
         report(results, cfg)
