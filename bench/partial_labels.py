@@ -143,10 +143,12 @@ def train_and_score(name: str, keys: list[str], ctx: dict, steps: int, seed: int
     for own in (work / "runs" / run, work / "pred" / run):
         shutil.rmtree(own, ignore_errors=True)
     spec = write_spec(name, keys, ctx["shards"], cfg, steps, work)
+    per_source = cfg.source_norm and len(keys) > 1
+    extra = [*cfg.set, *(["model.norm=source_batch"] if per_source else [])]
     t0 = time.perf_counter()
     rd.run_cli(f"train_{run}", [sys.executable, str(ROOT / "jobs" / "train.py"), "--spec", str(spec), "--launcher",
                                 "ray", "--set", f"run.seed={seed}", "--set", f"run.name={run}",
-                                *[a for kv in cfg.set for a in ("--set", kv)]], work, env)  # fmt: skip
+                                *[a for kv in extra for a in ("--set", kv)]], work, env)  # fmt: skip
     print(f"[bench] {run}: trained {steps} steps in {time.perf_counter() - t0:.0f} s", flush=True)
     import tifffile
 
@@ -156,7 +158,8 @@ def train_and_score(name: str, keys: list[str], ctx: dict, steps: int, seed: int
         pred = work / "pred" / run / key
         rd.run_cli(f"predict_{run}_{key}", [sys.executable, str(ROOT / "jobs" / "predict.py"), "--model",
                    str(work / "runs" / run / "best"), "--input", str(folder), "--output", str(pred),
-                   "--label-map", str(sources[key].label_map), "--quiet"], work, env)  # fmt: skip
+                   "--label-map", str(sources[key].label_map), "--quiet",
+                   *(["--source", key] if per_source else [])], work, env)  # fmt: skip
         values = np.asarray(tifffile.imread(pred / "label_values.tif"))
         scores[key] = score(sources[key], values[None] if values.ndim == 2 else values, labels)
     return scores
@@ -181,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--joint", default="srf,vnc_sets,vnc_mito",
                     help="the joint model's sources (it trains len x --steps steps); e.g. vnc_sets,vnc_mito "
                          "asks whether one modality alone trains a joint model as good as each own one")  # fmt: skip
+    ap.add_argument("--source-norm", action="store_true",
+                    help="the joint model normalises each source with its own batch statistics "
+                         "(model.norm=source_batch; predict --source); the own models keep batch norm")  # fmt: skip
     ap.add_argument("--own-from", type=Path, metavar="RESULTS_JSON",
                     help="take the own models' scores from an earlier run's results.json (same settings) "
                          "instead of training them again")  # fmt: skip

@@ -152,9 +152,49 @@ _LAYERS = {
 }
 
 
-def _norm(kind: str, channels: int, dims: int = 2) -> nn.Module:
+class SourceBatchNorm(nn.Module):
+    """Batch norm with its own statistics and affine per data source (``model.norm: source_batch``).
+
+    Why: one batch-norm layer over crops of two microscopes normalises each with a mixture of both, and the
+    joint model of srf_tem and a vnc_sstem binary mask lost 0.45 mitochondria IoU to its own model that way,
+    while group norm (no batch statistics) lost 0.06 but trained vnc_sstem worse (bench/README.md,
+    partial_labels). Each sample is normalised with the layer of its source: training on the sub-batch's
+    statistics, evaluation on that source's running ones. ``source`` is set by :meth:`UNet.forward` for
+    each call: a ``[B]`` int64 tensor of source indices, or one int for the whole batch.
+    """
+
+    def __init__(self, channels: int, num_sources: int, dims: int = 2):
+        super().__init__()
+        self.norms = nn.ModuleList(_LAYERS[dims].batch_norm(channels) for _ in range(num_sources))
+        self.source: torch.Tensor | int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        source = self.source
+        if isinstance(source, int):
+            return self.norms[source](x)
+        if source is None or source.shape != (x.shape[0],):
+            raise ValueError("SourceBatchNorm needs the source of every sample; call the UNet with source=")
+        out, order = [], []
+        for k, norm in enumerate(self.norms):
+            idx = (source == k).nonzero().squeeze(1)
+            if len(idx):
+                out.append(norm(x.index_select(0, idx)))
+                order.append(idx)
+            elif norm.training:
+                # DDP reduces every parameter's gradient on every rank at every step: a source absent from
+                # this rank's batch still takes part, with a zero gradient (its true contribution here).
+                out.append(x.new_zeros(0, *x.shape[1:]) + 0 * (norm.weight.sum() + norm.bias.sum()))
+        y = torch.cat(out)
+        inverse = torch.empty_like(source)
+        inverse[torch.cat(order)] = torch.arange(len(source), device=source.device)
+        return y.index_select(0, inverse)
+
+
+def _norm(kind: str, channels: int, dims: int = 2, num_sources: int = 1) -> nn.Module:
     if kind == "batch":
         return _LAYERS[dims].batch_norm(channels)
+    if kind == "source_batch":
+        return SourceBatchNorm(channels, num_sources, dims)
     if kind == "group":
         return nn.GroupNorm(min(8, channels), channels)
     if kind == "instance":
@@ -165,15 +205,15 @@ def _norm(kind: str, channels: int, dims: int = 2) -> nn.Module:
 class ConvBlock(nn.Sequential):
     """Two convolutions of ``kernel`` (3x3 in 2D), each followed by normalisation and SiLU; sizes are kept."""
 
-    def __init__(self, cin: int, cout: int, norm: str, kernel: tuple[int, ...] = (3, 3)):
+    def __init__(self, cin: int, cout: int, norm: str, kernel: tuple[int, ...] = (3, 3), num_sources: int = 1):
         bias = norm == "none"
         conv, dims, padding = _LAYERS[len(kernel)].conv, len(kernel), tuple(k // 2 for k in kernel)
         super().__init__(
             conv(cin, cout, kernel, padding=padding, bias=bias),
-            _norm(norm, cout, dims),
+            _norm(norm, cout, dims, num_sources),
             nn.SiLU(inplace=True),
             conv(cout, cout, kernel, padding=padding, bias=bias),
-            _norm(norm, cout, dims),
+            _norm(norm, cout, dims, num_sources),
             nn.SiLU(inplace=True),
         )
 
@@ -199,22 +239,39 @@ class UNet(nn.Module):
         num_fine: int = NUM_FINE_CLASSES,
         dims: int = 2,
         voxel_size: Sequence[float] | None = None,
+        source_names: Sequence[str] = (),
     ):
         super().__init__()
         plan = plan_unet(depth, dims, voxel_size)
         layers, k, s = _LAYERS[dims], plan.kernels, plan.strides
         widths = [base_channels * 2**i for i in range(depth + 1)]
         self.depth, self.plan = depth, plan
+        # The data sources a source_batch model keeps statistics for (index = position); empty otherwise.
+        self.source_names = tuple(source_names) if norm == "source_batch" else ()
+        n = max(1, len(self.source_names))
         # Construction order is part of the contract: with a fixed seed it decides the initial weights.
-        self.stem = ConvBlock(in_channels, widths[0], norm, k[0])
-        self.down = nn.ModuleList(ConvBlock(widths[i], widths[i + 1], norm, k[i + 1]) for i in range(depth))
+        self.stem = ConvBlock(in_channels, widths[0], norm, k[0], n)
+        self.down = nn.ModuleList(ConvBlock(widths[i], widths[i + 1], norm, k[i + 1], n) for i in range(depth))
         self.up = nn.ModuleList(layers.up(widths[i + 1], widths[i], s[i], stride=s[i]) for i in reversed(range(depth)))
-        self.merge = nn.ModuleList(ConvBlock(2 * widths[i], widths[i], norm, k[i]) for i in reversed(range(depth)))
+        self.merge = nn.ModuleList(ConvBlock(2 * widths[i], widths[i], norm, k[i], n) for i in reversed(range(depth)))
         self.dropout = layers.dropout(dropout) if dropout > 0 else nn.Identity()
         self.fine_head = layers.conv(widths[0], num_fine, 1)
         self.coarse_heads = nn.ModuleList(layers.conv(widths[0], g, 1) for g in coarse_groups)
+        self._source_norms = [m for m in self.modules() if isinstance(m, SourceBatchNorm)]
 
-    def forward(self, x_BCS: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(
+        self, x_BCS: torch.Tensor, source: torch.Tensor | int | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``source``: the data source of each sample (``[B]`` indices into :attr:`source_names`) or of the whole
+        batch (one int); a ``source_batch`` model needs it, any other ignores it."""
+        if self._source_norms:
+            if source is None:
+                raise ValueError(
+                    "this model normalises each data source with its own statistics (model.norm: source_batch); "
+                    f"give the source of the input, one of {', '.join(self.source_names)} (predict --source NAME)"
+                )
+            for norm in self._source_norms:
+                norm.source = source
         size_S = tuple(x_BCS.shape[2:])
         if len(size_S) != self.plan.dims:
             dims = self.plan.dims
@@ -235,8 +292,12 @@ class UNet(nn.Module):
         return self.fine_head(feat), [head(feat) for head in self.coarse_heads]
 
 
-def build_model(spec: ModelSpec, hierarchy: Hierarchy, voxel_size: Sequence[float] | None = None) -> UNet:
+def build_model(
+    spec: ModelSpec, hierarchy: Hierarchy, voxel_size: Sequence[float] | None = None, source_names: Sequence[str] = ()
+) -> UNet:
     """The network of a model spec: 2D, or 3D planned for ``voxel_size`` (default: ``spec.voxel_size``).
+
+    ``source_names``: the run's data sources (``data.source_names()``), for ``norm: source_batch``.
 
     ``voxel_size`` overrides the spec's; training resolves the data's own (the manifest's) into the spec
     before any rank builds (:func:`hierseg.train.launch.resolve_voxel_size`). Without either, a 3D network
@@ -258,6 +319,7 @@ def build_model(spec: ModelSpec, hierarchy: Hierarchy, voxel_size: Sequence[floa
         coarse_groups=tuple(hierarchy.num_groups),
         dims=spec.dims,
         voxel_size=voxel_size,
+        source_names=source_names,
     )
 
 

@@ -280,8 +280,10 @@ class ModelSpec(_Strict):
     """Channels of the first encoder stage; doubled at every down-sampling."""
     depth: int = Field(4, ge=1, le=7)
     """Number of down-sampling stages."""
-    norm: Literal["batch", "group", "instance", "none"] = "group"
-    """Normalisation layer (group norm is independent of the per-rank batch size)."""
+    norm: Literal["batch", "group", "instance", "none", "source_batch"] = "group"
+    """Normalisation layer (group norm is independent of the per-rank batch size). ``source_batch``: batch
+    norm with its own statistics and affine per data source (several ``data.train`` sources only), so crops
+    of different microscopes are never normalised together; such a model predicts with ``--source NAME``."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout before the heads."""
     channels_last: bool = False
@@ -435,6 +437,11 @@ class JobSpec(_Strict):
             raise ValueError(
                 f"data source {sorted(clash)[0]!r} has the name of a hierarchy level: val/{sorted(clash)[0]}/... "
                 "would mean both; rename the source"
+            )
+        if self.model.norm == "source_batch" and not self.data.multi_source:
+            raise ValueError(
+                "model.norm source_batch keeps statistics per data source, but data.train is one shard location; "
+                "use model.norm: batch, or list the sources in data.train"
             )
         self._check_patch_dims()
         if self.run.precision == "bf16" and not self.run.use_gpu:

@@ -208,7 +208,8 @@ def _source_of(label: torch.Tensor) -> str:
 
 
 def test_mixed_stream_draws_by_weight_and_resumes_exactly(data) -> None:
-    """Weights 3:1; a stream stopped after 3 batches and restored continues bit-identically; 2 ranks never run dry."""
+    """Weights 3:1, each sample tagged with its source; a stream stopped after 3 batches and restored continues
+    bit-identically; 2 ranks never run dry."""
     spec = _data_spec(data, "srf", "mito", num_workers=2, shuffle_buffer=4, patch_size=32)
     spec.data.train[0].weight = 3.0
     sources = resolve_sources(spec.data)
@@ -217,8 +218,9 @@ def test_mixed_stream_draws_by_weight_and_resumes_exactly(data) -> None:
     assert isinstance(full, MixedTrainStream)
     it = iter(full)
     want = [next(it) for _ in range(8)]
-    drawn = [_source_of(y) for _, y in want for y in y]
-    assert "?" not in drawn and 0.55 < drawn.count("srf") / len(drawn) < 0.95 and "mito" in drawn
+    drawn = [_source_of(y) for _, y, _ in want for y in y]
+    tagged = [["srf", "mito"][k] for _, _, k_B in want for k in k_B.tolist()]
+    assert tagged == drawn and "?" not in drawn and 0.55 < drawn.count("srf") / len(drawn) < 0.95 and "mito" in drawn
     part = build_train_loader(spec.data, rank=0, **kw)
     it = iter(part)
     for _ in range(3):
@@ -228,9 +230,9 @@ def test_mixed_stream_draws_by_weight_and_resumes_exactly(data) -> None:
     resumed = build_train_loader(spec.data, rank=0, **kw)
     resumed.load_state_dict(state)
     it = iter(resumed)
-    for x_want, y_want in want[3:]:
-        x, y = next(it)
-        assert torch.equal(x, x_want) and torch.equal(y, y_want)
+    for x_want, y_want, k_want in want[3:]:
+        x, y, k = next(it)
+        assert torch.equal(x, x_want) and torch.equal(y, y_want) and torch.equal(k, k_want)
     other = iter(build_train_loader(spec.data, rank=1, **kw))
     batches = [next(other) for _ in range(8)]  # more samples than rank 1's share of either source's shards
     assert not torch.equal(batches[0][0], want[0][0])
@@ -246,8 +248,8 @@ def _rank_job(rank: int, world: int, raw: dict):
 
     spec = JobSpec.model_validate(raw)
     job = build_job(spec, DistContext(rank, world, rank, torch.device("cpu"), "local", False), None)
-    images, labels = next(iter(job.stream))
-    terms = train_step(job, images, labels)
+    images, labels, sources = next(iter(job.stream))
+    terms = train_step(job, images, labels, sources)
     grads = [p.grad.clone() for p in job.model.parameters()]
     return images, labels, grads, [t.detach().clone() for t in terms], evaluate(job)
 
@@ -323,3 +325,181 @@ def test_single_location_takes_the_old_path(data) -> None:
     _, y = next(iter(stream))
     assert set(y.unique().tolist()) <= {-1, 10, 12}
     assert np.array(stream.state_dict()["positions"]).shape == (1, 3)
+
+
+# ------------------------------------------------------------------------ per-source batch norm
+def test_source_batch_norm_normalises_each_source_alone() -> None:
+    """Each sample takes its source's batch statistics and affine; an absent source trains with zero gradient."""
+    from hierseg.model import SourceBatchNorm
+
+    torch.manual_seed(0)
+    norm = SourceBatchNorm(3, 2)
+    with torch.no_grad():
+        for k, layer in enumerate(norm.norms):
+            layer.weight.copy_(torch.tensor([1.0, 2.0, 3.0]) * (k + 1))
+            layer.bias.copy_(torch.tensor([0.5, -0.5, 0.0]) * (k + 1))
+    x = torch.randn(6, 3, 4, 5, dtype=torch.float64).float() * 3 + 1
+    source = torch.tensor([0, 1, 0, 1, 1, 0])
+    norm.source = source
+    y = norm(x)
+    for k in (0, 1):
+        xs = x[source == k].double()
+        mean, var = xs.mean((0, 2, 3), keepdim=True), xs.var((0, 2, 3), unbiased=False, keepdim=True)
+        w, b = (t.detach().double().view(1, 3, 1, 1) for t in (norm.norms[k].weight, norm.norms[k].bias))
+        torch.testing.assert_close(
+            y[source == k].double(), (xs - mean) / (var + 1e-5).sqrt() * w + b, atol=1e-5, rtol=0
+        )
+        unbiased = xs.var((0, 2, 3)).float()
+        torch.testing.assert_close(norm.norms[k].running_var, 0.9 + 0.1 * unbiased)
+    norm.source = torch.zeros(4, dtype=torch.int64)  # source 1 absent: zero gradient, statistics kept
+    before = norm.norms[1].running_mean.clone()
+    norm(x[:4]).square().sum().backward()
+    assert torch.equal(norm.norms[1].weight.grad, torch.zeros(3)) and norm.norms[0].weight.grad.abs().sum() > 0
+    assert torch.equal(norm.norms[1].running_mean, before)
+    norm.eval()
+    norm.source = 1
+    want = (x - before.view(1, 3, 1, 1)) / (norm.norms[1].running_var.view(1, 3, 1, 1) + 1e-5).sqrt()
+    torch.testing.assert_close(
+        norm(x), want * norm.norms[1].weight.view(1, 3, 1, 1) + norm.norms[1].bias.view(1, 3, 1, 1)
+    )
+
+
+def _source_batch_rank_job(rank: int, world: int, raw: dict):
+    from hierseg.spec import JobSpec
+    from hierseg.train.context import DistContext
+    from hierseg.train.loop import build_job, evaluate, train_step
+
+    job = build_job(
+        JobSpec.model_validate(raw), DistContext(rank, world, rank, torch.device("cpu"), "local", False), None
+    )
+    batches = iter(job.stream)
+    got = []
+    for _ in range(3):  # with 2 samples a rank, some step is likely to lack a source on some rank
+        images, labels, sources = next(batches)
+        state = {k: v.clone() for k, v in job.model.state_dict().items()}
+        terms = train_step(job, images, labels, sources)
+        got.append((images, labels, sources, state, [p.grad.clone() for p in job.model.parameters()], terms.loss_fine))
+    return got, evaluate(job)
+
+
+def test_source_batch_norm_trains_on_two_gloo_ranks_exactly(data, tmp_path) -> None:
+    """model.norm source_batch on 2 ranks: each step's gradients equal one process's from both ranks' sub-batches,
+    each normalised per source on its own rank; validation scores each source with its statistics."""
+    from hierseg.losses import hierarchical_loss
+    from hierseg.model import build_model
+    from hierseg.spec import JobSpec
+
+    raw = _two_source_spec(data, tmp_path)
+    raw["model"]["norm"] = "source_batch"
+    results = run_ranks(2, _source_batch_rank_job, raw)
+    spec = JobSpec.model_validate(raw)
+    table = resolve_sources(spec.data).label_sets.table()
+    luts = spec.hierarchy.build().luts()
+    model = build_model(spec.model, spec.hierarchy.build(), source_names=spec.data.source_names())
+    for step in range(3):
+        model.load_state_dict(results[0][0][step][3])
+        model.zero_grad()
+        outs = [model(r[0][step][0], r[0][step][2]) for r in results]  # one forward per rank's batch
+        fine = torch.cat([o[0] for o in outs])
+        coarse = [torch.cat([o[1][i] for o in outs]) for i in range(len(outs[0][1]))]
+        labels = torch.cat([r[0][step][1] for r in results]).long()
+        ref = hierarchical_loss(fine, coarse, labels, luts, spec.lambdas(), label_sets=table)
+        ref.loss.backward()
+        for r in results:
+            torch.testing.assert_close(r[0][step][5], ref.loss_fine, atol=1e-6, rtol=1e-5)
+            for g, p in zip(r[0][step][4], model.parameters(), strict=True):
+                torch.testing.assert_close(g, p.grad, atol=2e-6, rtol=1e-4)
+    summary = results[0][1]
+    assert results[1][1] == summary and "val/mito/label/iou/mitochondria" in summary
+
+
+def _source_batch_checkpoint(data: Path, tmp_path: Path, seed: int):
+    """A two-source ``source_batch`` model whose source ``mito`` has other running statistics than ``srf``,
+    saved as a checkpoint folder: ``(raw spec, spec, model, folder)``."""
+    from hierseg.model import build_model
+    from hierseg.spec import JobSpec
+
+    raw = _two_source_spec(data, tmp_path)
+    raw["model"]["norm"] = "source_batch"
+    spec = JobSpec.model_validate(raw)
+    torch.manual_seed(seed)
+    net = build_model(spec.model, spec.hierarchy.build(), source_names=["srf", "mito"])
+    with torch.no_grad():
+        for name, buf in net.named_buffers():
+            if name.endswith("running_mean"):
+                buf.normal_(0, 0.3 if ".norms.1." in name else 0.01)
+            elif name.endswith("running_var"):
+                buf.uniform_(0.2, 3.0) if ".norms.1." in name else buf.fill_(1.0)
+    ckpt = tmp_path / "best"
+    ckpt.mkdir()
+    state = {"model": net.state_dict(), "spec": spec.model_dump(mode="json"), "normalization": NORM, "step": 1}
+    torch.save(state, ckpt / "state.pt")
+    return raw, spec, net, ckpt
+
+
+def test_source_batch_model_predicts_with_its_source_statistics(data, tmp_path, capsys) -> None:
+    """predict --source NAME equals a plain batch-norm U-Net holding that source's layers; a missing or unknown
+    --source, or --source for another model, is a one-line error naming the choices."""
+    import tifffile
+
+    from hierseg.model import build_model
+    from hierseg.serve.infer import PredictOptions, main, predict_image
+    from hierseg.spec import JobSpec
+
+    raw, spec, net, ckpt = _source_batch_checkpoint(data, tmp_path, 3)
+    image = (np.random.default_rng(0).random((80, 72)) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "img.tif", image)
+    args = ["--model", str(ckpt), "--input", str(tmp_path / "img.tif"), "--quiet", "--decode", "fine"]
+    assert main([*args, "--output", str(tmp_path / "none")]) == 2
+    assert "--source one of srf, mito" in capsys.readouterr().err
+    assert main([*args, "--output", str(tmp_path / "bad"), "--source", "vnc"]) == 2
+    assert "--source vnc: not a data source of this model; one of srf, mito" in capsys.readouterr().err
+    assert main([*args, "--output", str(tmp_path / "out"), "--source", "mito"]) == 0
+    plain_raw = {**raw, "model": {**raw["model"], "norm": "batch"}}
+    plain = build_model(JobSpec.model_validate(plain_raw).model, spec.hierarchy.build())
+    mito = {k.replace(".norms.1.", "."): v for k, v in net.state_dict().items() if ".norms.0." not in k}
+    plain.load_state_dict(mito)
+    want = predict_image(plain.eval(), image, options=PredictOptions(tile=32, overlap=4, amp=False))
+    got = tifffile.imread(tmp_path / "out" / "fine_labels.tif")
+    np.testing.assert_array_equal(got, want["fine_labels"])
+    plain_ckpt = tmp_path / "plain"
+    plain_ckpt.mkdir()
+    torch.save(
+        {"model": plain.state_dict(), "spec": plain_raw, "normalization": NORM, "step": 0}, plain_ckpt / "state.pt"
+    )
+    assert main(["--model", str(plain_ckpt), *args[2:], "--output", str(tmp_path / "p"), "--source", "mito"]) == 2
+    assert "drop --source" in capsys.readouterr().err
+
+
+def test_source_batch_needs_several_sources(data, tmp_path) -> None:
+    """model.norm source_batch with one shard location is a spec error naming the field and the fix."""
+    with pytest.raises(
+        SpecError, match=r"model.norm source_batch keeps statistics per data source.*use model.norm: batch"
+    ):
+        validate_spec(tiny_spec(data / "mito", data, data={"synthetic": None}, model={"norm": "source_batch"}))
+
+
+def test_logged_source_batch_model_takes_its_source_as_a_param(data, tmp_path) -> None:
+    """The MLflow pyfunc of a source_batch model predicts with params={"source": NAME} as predict --source does,
+    and without it raises the message naming the sources."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from hierseg.serve.infer import default_options, load_predictor
+    from hierseg.serve.pyfunc import log_checkpoint_model
+    from tests.train_utils import sqlite_store
+
+    _, spec, _, ckpt = _source_batch_checkpoint(data, tmp_path, 4)
+    store = sqlite_store(tmp_path)
+    client = MlflowClient(tracking_uri=store)
+    run_id = client.create_run(client.create_experiment("sbn")).info.run_id
+    uri = log_checkpoint_model(store, run_id, ckpt, spec)
+    mlflow.set_tracking_uri(store)
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    image = (np.random.default_rng(1).random((1, 1, 48, 40)) * 255).astype(np.float32)  # [N, C, H, W]
+    got = pyfunc.predict(image, params={"source": "mito"})
+    predictor = load_predictor(str(ckpt))
+    want = predictor.predict(image[0, 0], default_options(predictor, source="mito"))["fine_labels"]
+    np.testing.assert_array_equal(got[0], want)
+    with pytest.raises(Exception, match="--source one of srf, mito"):
+        pyfunc.predict(image)

@@ -547,7 +547,8 @@ class _TrainSource(IterableDataset):
 
 
 class TrainStream:
-    """Infinite, resumable per-rank batch stream: ``for image, label in stream`` never stops."""
+    """Infinite, resumable per-rank batch stream: ``for image, label in stream`` never stops (several sources,
+    :class:`MixedTrainStream`: ``for image, label, source in stream``, ``source`` each sample's index)."""
 
     def __init__(self, shards: list[str], cfg: dict[str, Any], num_workers: int):
         self.shards, self.cfg, self.num_workers = shards, cfg, num_workers
@@ -670,6 +671,7 @@ class _MixedTrainSource(_TrainSource):
         cycles = [self._cycle(k, pos, consumer, consumers, policy) for k, pos in enumerate(positions)]
         usable = _UsableWatch(self.sources, positions, self.cfg["rank"])
         pending: list[Batch] = []
+        pending_sources: list[int] = []
         while True:
             gen = torch.Generator().manual_seed(_seed(self.cfg["seed"], consumer, j, 0x4D49))
             k = int(torch.multinomial(self.weights, 1, generator=gen))
@@ -680,9 +682,11 @@ class _MixedTrainSource(_TrainSource):
             if sample is None:
                 continue
             pending.append(sample)
+            pending_sources.append(k)
             if len(pending) == self.cfg["batch_size"]:
-                batch = _collate(pending)
-                pending = []
+                # each sample's source too: a source_batch model normalises it with its source's statistics
+                batch = (*_collate(pending), torch.tensor(pending_sources, dtype=torch.int64))
+                pending, pending_sources = [], []
                 yield batch, (lw, j, list(positions))
 
 

@@ -237,7 +237,7 @@ def plan_job(args: argparse.Namespace) -> tuple[Job, Predictor]:
         predictor, tile=args.tile, overlap=args.overlap, batch=args.batch,
         decode=args.decode or ("labels" if args.label_map else None),
         fine_threshold=args.fine_threshold, coarse_threshold=args.coarse_threshold,
-        device=args.device or "cpu", amp=not args.no_amp, tta=args.tta,
+        device=args.device or "cpu", amp=not args.no_amp, tta=args.tta, source=args.source,
     )  # fmt: skip
     if opts.decode == "labels" and not predictor.label_space:
         raise PredictError("--decode labels needs the model's training label map; use --decode fine")  # as decide
@@ -286,6 +286,7 @@ def job_record(job: Job, predictor: Predictor) -> dict[str, Any]:
         "voxel_size": job.voxel.record() if job.voxel else None,  # OME-Zarr metadata: another one is refused
         # only when on, so a store written before --tta existed still resumes
         **({"tta": True} if opts.tta else {}),
+        **({"source": opts.source} if opts.source is not None else {}),
     }
 
 

@@ -134,7 +134,7 @@ def _block_probs(model: torch.nn.Module, image_CDHW: torch.Tensor, device: torch
     autocast = autocast_for(options, device)
     for box in block_windows(tuple(image_CDHW.shape[1:]), options.window):
         x_BCS = image_CDHW[(slice(None), *box)][None].to(device)
-        yield box, window_probs(model, x_BCS, autocast, options.tta)[0].cpu()
+        yield box, window_probs(model, x_BCS, autocast, options.tta, options.source)[0].cpu()
 
 
 def _plot_section(image_CS: torch.Tensor, label_S: torch.Tensor, pred_S: torch.Tensor, coarse_KS: torch.Tensor):
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         sets, space, lmap = _labels_of(args, predictor)
         opts = default_options(predictor, tile=args.tile, overlap=args.overlap, batch=args.batch,
                                decode=args.decode, coarse_threshold=NO_COARSE if args.raw else None,
-                               tta=args.tta)  # fmt: skip
+                               tta=args.tta, source=args.source)  # fmt: skip
         num_labels = NUM_FINE_CLASSES + len(sets)
         batches = (shard_batches(args.shards, predictor, num_labels) if args.shards
                    else volume_batches(args.image, args.labels, lmap, predictor))  # fmt: skip

@@ -96,6 +96,9 @@ class PredictOptions:
     """Test-time augmentation: average each window's probabilities over the 8 quarter turns and mirror images
     of its y-x plane (:func:`window_probs`), for 8x the compute. Held-out srf_tem IoU +0.001 to +0.005
     (bench/README.md); off by default because whole-volume prediction is the expensive step."""
+    source: int | None = None
+    """The data source whose statistics a ``model.norm: source_batch`` model normalises with (its index in
+    the training spec's ``data.train``; ``--source NAME``, :func:`with_source`); ``None`` for other models."""
     window: tuple[int, ...] | None = None
     """3D models, validation only: score a ``[D, H, W]`` block in non-overlapping windows of at most this
     ``[z, y, x]`` (:func:`block_windows`) instead of blended sliding windows (``tile``, ``overlap``)."""
@@ -298,7 +301,7 @@ def blend_slabs(
         x.grow_to(top, read)
         tiles = [x.at(starts[i], window_S, lo_S) for i in run]
         tiles += tiles[-1:] * (size - len(run))  # pad to the whole-volume batch size; the extra results are dropped
-        probs_BPS = window_probs(model, torch.stack(tiles).to(device), ctx, options.tta)
+        probs_BPS = window_probs(model, torch.stack(tiles).to(device), ctx, options.tta, options.source)
         if acc is None:
             acc = _Rows(box[0], probs_BPS.new_zeros(probs_BPS.shape[1], 0, *rest_S))
             weight = _Rows(box[0], window.new_zeros(1, 0, *rest_S))
@@ -348,26 +351,30 @@ PLANE_VIEWS = tuple((turns, mirror) for turns in range(4) for mirror in (False, 
 sections have no preferred orientation, and training augments with exactly these (rot90 + flips)."""
 
 
-def window_probs(model: torch.nn.Module, x_BCS: torch.Tensor, autocast: Any, tta: bool = False) -> torch.Tensor:
+def window_probs(
+    model: torch.nn.Module, x_BCS: torch.Tensor, autocast: Any, tta: bool = False, source: int | None = None
+) -> torch.Tensor:
     """``[B, 12 + sum K, *S]`` probabilities of a batch of windows: softmax fine, then every level's sigmoids.
+
+    ``source``: :attr:`PredictOptions.source` (passed to the model only when set, so any module predicts).
 
     ``tta``: the mean over :data:`PLANE_VIEWS` of the probabilities of each view, each mapped back to the
     window's orientation (the last two axes are y and x in 2D and 3D alike; a non-square window turns into a
     transposed one, which the U-Net takes as well)."""
     if not tta:
-        return _forward_probs(model, x_BCS, autocast)
+        return _forward_probs(model, x_BCS, autocast, source)
     total = None
     for turns, mirror in PLANE_VIEWS:
         view = torch.rot90(x_BCS, turns, (-2, -1))
-        probs = _forward_probs(model, view.flip(-1) if mirror else view, autocast)
+        probs = _forward_probs(model, view.flip(-1) if mirror else view, autocast, source)
         probs = torch.rot90(probs.flip(-1) if mirror else probs, -turns, (-2, -1))
         total = probs if total is None else total + probs
     return total / len(PLANE_VIEWS)
 
 
-def _forward_probs(model: torch.nn.Module, x_BCS: torch.Tensor, autocast: Any) -> torch.Tensor:
+def _forward_probs(model: torch.nn.Module, x_BCS: torch.Tensor, autocast: Any, source: int | None) -> torch.Tensor:
     with autocast:
-        logits_fine, logits_coarse = model(x_BCS)
+        logits_fine, logits_coarse = model(x_BCS) if source is None else model(x_BCS, source)
     return torch.cat([logits_fine.float().softmax(1), *(lc.float().sigmoid() for lc in logits_coarse)], 1)
 
 
@@ -740,6 +747,9 @@ def add_tiling_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tta", action="store_true",
                     help="test-time augmentation: average over the 8 turns and mirror images of each window's "
                          "y-x plane (8x the compute)")  # fmt: skip
+    ap.add_argument("--source", default=None, metavar="NAME",
+                    help="a model trained with model.norm source_batch: the data source (data.train name) whose "
+                         "normalisation statistics the input takes")  # fmt: skip
     ap.add_argument("--decode", choices=["fine", "labels"], default=None,
                     help="fine: 12-way argmax; labels: in the training label map's values "
                          "(default: labels for a model trained with label sets)")  # fmt: skip
@@ -806,9 +816,27 @@ def _check_windows(opts: PredictOptions, dims: int) -> None:
                            "--batch >= 1")  # fmt: skip
 
 
+def source_index(model: torch.nn.Module, name: str | None) -> int | None:
+    """``--source NAME`` -> the index a ``model.norm: source_batch`` model takes; ``None`` for other models."""
+    names = tuple(getattr(model, "source_names", ()))
+    if not names:
+        if name:
+            raise PredictError(f"--source {name}: this model normalises every input alike (its model.norm is not "
+                               "source_batch); drop --source")  # fmt: skip
+        return None
+    if not name:
+        raise PredictError("this model keeps normalisation statistics per data source (model.norm: source_batch): "
+                           f"say which source the input is like, --source one of {', '.join(names)}")  # fmt: skip
+    if name not in names:
+        raise PredictError(f"--source {name}: not a data source of this model; one of {', '.join(names)}")
+    return names.index(name)
+
+
 def default_options(predictor: Predictor, **overrides: Any) -> PredictOptions:
     """Windows of the training patch size with 1/8 overlap and the model's default decoding (as validation);
-    ``tile`` and ``overlap`` as the flags take them (:func:`window_options`)."""
+    ``tile`` and ``overlap`` as the flags take them (:func:`window_options`), ``source`` as ``--source``
+    (a name: :func:`source_index`)."""
+    overrides["source"] = source_index(predictor.model, overrides.pop("source", None))
     tile, overlap = window_options(predictor, overrides.pop("tile", None), overrides.pop("overlap", None))
     decode = overrides.pop("decode", None) or predictor.default_decode
     if overrides.get("coarse_threshold") is None:
@@ -845,7 +873,7 @@ def main(argv: list[str] | None = None) -> int:
             predictor, tile=args.tile, overlap=args.overlap, batch=args.batch,
             decode=args.decode or ("labels" if args.label_map else None),
             fine_threshold=args.fine_threshold, coarse_threshold=args.coarse_threshold, device=args.device,
-            amp=not args.no_amp, tta=args.tta,
+            amp=not args.no_amp, tta=args.tta, source=args.source,
         )  # fmt: skip
         predictor.model = predictor.model.to(_device_of(opts))
         k, group_names = predictor.hierarchy.num_groups[0], tuple(predictor.hierarchy.levels[0].group_names)

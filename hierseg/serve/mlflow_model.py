@@ -26,22 +26,26 @@ class HiersegPyfunc(mlflow.pyfunc.PythonModel):
         from hierseg.serve.infer import default_options, load_predictor
 
         self.predictor = load_predictor(context.artifacts[CHECKPOINT_ARTIFACT])
-        self.options = default_options(self.predictor)
+        # a model.norm source_batch model takes its source per call (params={"source": NAME})
+        self.options = None if getattr(self.predictor.model, "source_names", ()) else default_options(self.predictor)
 
     # np.ndarray hints: MLflow validates the input type and keeps the explicit tensor signature we log
     # (it infers no signature from an ndarray hint), instead of warning that the method has no hints.
     def predict(
         self, context: mlflow.pyfunc.PythonModelContext, model_input: np.ndarray, params: dict | None = None
     ) -> np.ndarray:
+        from hierseg.serve.infer import default_options
+
         x = np.asarray(model_input, dtype=np.float32)
+        options = self.options or default_options(self.predictor, source=(params or {}).get("source"))
         if self.predictor.dims == 3:
-            return self._predict_volume(x)
+            return self._predict_volume(x, options)
         if x.ndim == 2:
             x = x[None]
-        labels = [self.predictor.predict(img, self.options)["fine_labels"] for img in x]
+        labels = [self.predictor.predict(img, options)["fine_labels"] for img in x]
         return np.stack(labels).astype(np.int16)
 
-    def _predict_volume(self, volume: np.ndarray) -> np.ndarray:
+    def _predict_volume(self, volume: np.ndarray, options) -> np.ndarray:
         """A 3D model's fine labels of one volume, slice by slice as ``hierseg predict`` writes them."""
         from hierseg.serve.infer import PredictError, in_channels_of, predict_volume
 
@@ -50,7 +54,7 @@ class HiersegPyfunc(mlflow.pyfunc.PythonModel):
             want = "[D, H, W]" if channels == 1 else f"[D, {channels}, H, W]"
             raise PredictError(f"model_input of shape {list(volume.shape)}: a 3D model with {channels} input "
                                f"channel(s) predicts one volume {want}; pass volumes one at a time")  # fmt: skip
-        labels = [out["fine_labels"] for out in predict_volume(self.predictor, volume, self.options)]
+        labels = [out["fine_labels"] for out in predict_volume(self.predictor, volume, options)]
         return np.stack(labels).astype(np.int16)
 
 

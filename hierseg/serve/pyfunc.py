@@ -25,7 +25,7 @@ _EXAMPLE_SIDE = 32  # small: MLflow runs the model on the example while logging
 def model_from_state(state: dict[str, Any]) -> tuple[UNet, JobSpec]:
     """Rebuild the model of a checkpoint state (as saved by training) in eval mode on CPU."""
     spec = validate_spec(state["spec"], "checkpoint")
-    model = build_model(spec.model, spec.hierarchy.build())
+    model = build_model(spec.model, spec.hierarchy.build(), source_names=spec.data.source_names())
     model.load_state_dict(state["model"])
     return model.eval(), spec
 
@@ -44,6 +44,7 @@ def model_card(spec: JobSpec, state: dict[str, Any]) -> dict[str, Any]:
         "label_map": state.get("label_map"),
         "input": {"channels": spec.model.in_channels, "normalization": state.get("normalization")},
         "patch_size": state.get("patch_size"),
+        "norm_sources": spec.data.source_names() if spec.model.norm == "source_batch" else None,
         "step": int(state["step"]),
         "metrics": state.get("best_metrics", {}),
     }
@@ -74,7 +75,7 @@ def log_checkpoint_model(uri: str, run_id: str, checkpoint: Path, spec: JobSpec)
     """
     import mlflow
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
+    from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
     from hierseg import __version__
     from hierseg.checkpoint_io import STATE_FILE, load_state
@@ -82,10 +83,15 @@ def log_checkpoint_model(uri: str, run_id: str, checkpoint: Path, spec: JobSpec)
     state = load_state(checkpoint)
     card = model_card(spec, state)
     input_shape, example = input_shape_and_example(spec)
+    per_source = spec.model.norm == "source_batch"
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), input_shape)]),
         outputs=Schema([TensorSpec(np.dtype(np.int16), (-1, -1, -1))]),  # [N, H, W] in 2D, [D, H, W] in 3D
+        # predict(..., params={"source": NAME}); no default source: a wrong one gives a plausible wrong answer
+        params=ParamSchema([ParamSpec("source", "string", "")]) if per_source else None,
     )
+    if per_source:
+        example = None  # MLflow predicts on the example while logging, and that needs a source
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(

@@ -17,7 +17,7 @@ from hierseg.serve.infer import PredictError
 
 EXPERIMENT = "hierseg-predict"
 """Experiment of a tracked prediction whose model comes from no MLflow run."""
-PARAMS = ("input", "block", "tile", "overlap", "batch", "decode", "device", "tta")
+PARAMS = ("input", "block", "tile", "overlap", "batch", "decode", "device", "tta", "source")
 """Settings logged as params (all of them, the store's record, are in the run's ``blockwise.json``)."""
 
 

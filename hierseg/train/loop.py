@@ -89,7 +89,8 @@ def per_rank_batch(spec: JobSpec, ctx: DistContext) -> int:
 
 def _build_model(spec: JobSpec, ctx: DistContext, hierarchy: Hierarchy) -> tuple[UNet, torch.nn.Module]:
     torch.manual_seed(spec.run.seed)  # same initial weights on every rank
-    model = build_model(spec.model, hierarchy).to(ctx.device)
+    model = build_model(spec.model, hierarchy, source_names=spec.data.source_names()).to(ctx.device)
+    # Not source_batch: a rank whose batch lacks a source would skip that layer's collective (a hang).
     if ctx.distributed and ctx.device.type == "cuda" and spec.model.norm == "batch":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # statistics over the global batch
     if ctx.device.type == "cuda" and spec.model.channels_last:
@@ -143,16 +144,20 @@ def build_job(spec: JobSpec, ctx: DistContext, run_id: str | None) -> Job:
     )
 
 
-def train_step(job: Job, images: torch.Tensor, labels: torch.Tensor) -> LossTerms:
-    """Forward, masked hierarchical loss with the global valid count, backward, clip, step."""
+def train_step(job: Job, images: torch.Tensor, labels: torch.Tensor, sources: torch.Tensor | None = None) -> LossTerms:
+    """Forward, masked hierarchical loss with the global valid count, backward, clip, step.
+
+    ``sources``: each sample's data source (``[B]``, several training sources), for ``norm: source_batch``.
+    """
     device = job.ctx.device
     images_BCS = images.to(device, non_blocking=True)  # S: (H, W), or (D, H, W) for a 3D model
     y_BS = labels.to(device, non_blocking=True).long()  # int16 from the loader; the loss indexes with int64
     if device.type == "cuda" and job.spec.model.channels_last:
         images_BCS = images_BCS.contiguous(memory_format=memory_format(job.spec))
+    source_B = sources.to(device) if sources is not None and job.model.source_names else None
     dtype = job.autocast_dtype
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        logits_fine, logits_coarse = job.train_model(images_BCS)
+        logits_fine, logits_coarse = job.train_model(images_BCS, source_B)
     terms = hierarchical_loss(logits_fine, logits_coarse, y_BS, job.luts, job.spec.lambdas(), label_sets=job.set_table)
     # The logged terms are global (identical on every rank), so every rank stops together.
     if not bool(torch.isfinite(terms.loss_fine) and torch.isfinite(terms.loss_coarse).all()):
@@ -169,17 +174,20 @@ def train_step(job: Job, images: torch.Tensor, labels: torch.Tensor) -> LossTerm
     return terms
 
 
-def eval_options(job: Job, label_map: Any = None) -> PredictOptions:
+def eval_options(job: Job, label_map: Any = None, source: str | None = None) -> PredictOptions:
     """``hierseg predict``'s defaults for this model: windows of the patch size, 1/8 overlap, its decoding.
 
-    ``label_map``: decode for that source's labels (a multi-source run); default: the model's own. A 3D
-    model scores its validation blocks in non-overlapping windows of the 3D patch size (``window``).
+    ``label_map``: decode for that source's labels (a multi-source run); default: the model's own. ``source``:
+    that source's name, whose statistics a ``source_batch`` model normalises with. A 3D model scores its
+    validation blocks in non-overlapping windows of the 3D patch size (``window``).
     """
     patch = job.spec.data.patch_size
     tile, window = (patch, None) if isinstance(patch, int) else (patch[-1], tuple(patch))
     decode = "labels" if len(job.label_sets) and (label_map or job.label_map) else "fine"
+    names = job.model.source_names
     return PredictOptions(tile=tile, overlap=tile // 8, decode=decode, amp=job.autocast_dtype is not None,
-                          coarse_threshold=coarse_threshold_for(job.spec), window=window)  # fmt: skip
+                          coarse_threshold=coarse_threshold_for(job.spec), window=window,
+                          source=names.index(source) if names and source else None)  # fmt: skip
 
 
 def sync_buffers(job: Job) -> None:
@@ -216,7 +224,8 @@ def evaluate(job: Job) -> dict[str, float]:
 def _evaluate_sources(job: Job, batches: Any) -> tuple[EvalMetrics, dict[str, float], Any]:
     """Per-source counts (each source decoded in its own label space), reduced in one collective."""
     val_sources = job.sources.val_sources
-    per_source = [(eval_options(job, (s.val_manifest or {}).get("label_map")), s.label_space()) for s in val_sources]
+    per_source = [(eval_options(job, (s.val_manifest or {}).get("label_map"), s.name), s.label_space())
+                  for s in val_sources]  # fmt: skip
     parts, sample = run_eval_sources(job.model, batches, job.hierarchy, job.ctx.device, per_source, job.label_sets)
     all_reduce_metrics(parts)
     together = EvalMetrics.summed(parts)
@@ -328,9 +337,9 @@ def run_loop(job: Job) -> bool:
         save_checkpoint(job)
     while job.step < run.max_steps:
         t0 = time.perf_counter()
-        images, labels = next(batches)
+        images, labels, *sources = next(batches)  # several training sources: each sample's source too
         t_data = time.perf_counter()
-        terms = train_step(job, images, labels)
+        terms = train_step(job, images, labels, *sources)
         job.step += 1
         job.progress.update(terms, images.shape[0] * job.ctx.world_size, t_data - t0, time.perf_counter() - t0)
         last = job.step == run.max_steps
