@@ -117,7 +117,7 @@ def held_out(work: Path, shards: Path) -> dict[str, tuple[Path, list[np.ndarray]
 
 
 def write_spec(name: str, keys: list[str], shards: dict[str, Path], cfg: argparse.Namespace, steps: int,
-               work: Path) -> Path:  # fmt: skip
+               work: Path, batch: int) -> Path:  # fmt: skip
     """realdata.py's recipe; one source as plain paths, several as named lists with equal weights."""
     if len(keys) == 1:
         train, val = str(shards[keys[0]] / "train"), str(shards[keys[0]] / "val")
@@ -125,7 +125,7 @@ def write_spec(name: str, keys: list[str], shards: dict[str, Path], cfg: argpars
         train = [{"name": k, "shards": str(shards[k] / "train"), "weight": 1.0} for k in keys]
         val = [{"name": k, "shards": str(shards[k] / "val")} for k in keys]
     spec = {
-        "data": {"train": train, "val": val, "batch_size": cfg.batch, "patch_size": cfg.patch, "num_workers": 1},
+        "data": {"train": train, "val": val, "batch_size": batch, "patch_size": cfg.patch, "num_workers": 1},
         "model": {"base_channels": cfg.base_channels, "depth": cfg.depth, "norm": "batch"},
         "optim": {"lr": 2e-3, "warmup_steps": max(1, min(50, steps // 10))},
         "run": {"name": name, "num_workers": 2, "max_steps": steps, "eval_every": steps,
@@ -137,12 +137,13 @@ def write_spec(name: str, keys: list[str], shards: dict[str, Path], cfg: argpars
     return path
 
 
-def train_and_score(name: str, keys: list[str], ctx: dict, steps: int, seed: int) -> dict[str, dict[str, float]]:
+def train_and_score(name: str, keys: list[str], ctx: dict, steps: int, seed: int,
+                    batch: int | None = None) -> dict[str, dict[str, float]]:  # fmt: skip
     work, env, cfg, sources = ctx["work"], ctx["env"], ctx["cfg"], ctx["sources"]
     run = f"{name}_s{seed}"
     for own in (work / "runs" / run, work / "pred" / run):
         shutil.rmtree(own, ignore_errors=True)
-    spec = write_spec(name, keys, ctx["shards"], cfg, steps, work)
+    spec = write_spec(name, keys, ctx["shards"], cfg, steps, work, batch or cfg.batch)
     per_source = cfg.source_norm and len(keys) > 1
     extra = [*cfg.set, *(["model.norm=source_batch"] if per_source else [])]
     t0 = time.perf_counter()
@@ -184,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--joint", default="srf,vnc_sets,vnc_mito",
                     help="the joint model's sources (it trains len x --steps steps); e.g. vnc_sets,vnc_mito "
                          "asks whether one modality alone trains a joint model as good as each own one")  # fmt: skip
+    ap.add_argument(
+        "--joint-batch",
+        type=int,
+        default=None,
+        help="the joint model's batch (default --batch); its steps keep the own models' patches in all",
+    )
     ap.add_argument("--source-norm", action="store_true",
                     help="the joint model normalises each source with its own batch statistics "
                          "(model.norm=source_batch; predict --source); the own models keep batch norm")  # fmt: skip
@@ -217,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in [int(s) for s in cfg.seeds.split(",")]:
             own = {k: (earlier[str(seed)]["own"][k] if earlier else train_and_score(k, [k], ctx, cfg.steps, seed)[k])
                    for k in joint_keys}  # fmt: skip
-            joint = train_and_score("joint", joint_keys, ctx, len(joint_keys) * cfg.steps, seed)
+            joint = train_and_score("joint", joint_keys, ctx, joint_steps(cfg), seed, cfg.joint_batch)
             results["seeds"][seed] = {"own": own, "joint": joint}
             (work / "results.json").write_text(json.dumps(rd._finite(results), indent=1) + "\n")
         report(results, cfg)
@@ -230,11 +237,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def joint_steps(cfg: argparse.Namespace) -> int:
+    """The joint model's steps: as many patches as all own models together (``len x steps x batch``)."""
+    patches = len(cfg.joint.split(",")) * cfg.steps * cfg.batch
+    if patches % (cfg.joint_batch or cfg.batch):
+        raise rd.BenchError(f"--joint-batch {cfg.joint_batch} does not divide the own models' {patches} patches")
+    return patches // (cfg.joint_batch or cfg.batch)
+
+
 def report(results: dict, cfg: argparse.Namespace) -> None:
     seeds = results["seeds"]
-    n = len(cfg.joint.split(","))
-    print(f"\njoint ({cfg.joint}: {n * cfg.steps} steps) vs each source's own model ({cfg.steps} steps), batch "
-          f"{cfg.batch} of {cfg.patch} px, U-Net base {cfg.base_channels} depth {cfg.depth}, seeds "
+    joint_batch = cfg.joint_batch or cfg.batch
+    print(f"\njoint ({cfg.joint}: {joint_steps(cfg)} steps of {joint_batch}) vs each source's own model ({cfg.steps} "
+          f"steps), batch {cfg.batch} of {cfg.patch} px, U-Net base {cfg.base_channels} depth {cfg.depth}, seeds "
           f"{','.join(map(str, seeds))}; IoU on held-out data in the source's label space")  # fmt: skip
     print(f"{'source':<10}{'value':<18}{'joint':>7}{'own':>7}{'diff':>8}   per seed (joint/own)")
     first = next(iter(seeds.values()))
