@@ -87,10 +87,13 @@ class DataSet:
     ignore_value: int | None  # source value neither side learns from nor is scored on
     rest: int  # bare target of every source value not in ``classes``: ignored (srf) or the "not" class (vnc)
     num_bare: int
+    example_spec: str | None = None  # examples/specs/ file whose data.augment hierseg trains with (its recipe)
 
 
 DATASETS = {
-    "srf": DataSet("srf", "srf_tem", "srf_tem", (("axon", 3, 3, 0), ("myelin", 6, 6, 1)), 255, bare.IGNORE, 2),
+    "srf": DataSet(
+        "srf", "srf_tem", "srf_tem", (("axon", 3, 3, 0), ("myelin", 6, 6, 1)), 255, bare.IGNORE, 2, "srf_tem.yaml"
+    ),
     "vnc": DataSet("vnc", "vnc_sstem", "vnc_sstem (binary mitochondria)", (("mitochondria", 191, 10, 1),), None, 0, 2),
 }
 FULL = {
@@ -266,6 +269,9 @@ def write_spec(ds: DataSet, cfg: Config, shards: Path, work: Path) -> Path:
         },
         "tracking": {"uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": EXPERIMENT, "log_model": False},
     }
+    if ds.example_spec:  # the augmentation a user of the example spec trains with
+        example = yaml.safe_load((ROOT / "examples" / "specs" / ds.example_spec).read_text())
+        spec["data"]["augment"] = example["data"]["augment"]
     path = work / f"spec_{ds.key}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
