@@ -185,6 +185,8 @@ class SourceBatchNorm(nn.Module):
                 # this rank's batch still takes part, with a zero gradient (its true contribution here).
                 out.append(x.new_zeros(0, *x.shape[1:]) + 0 * (norm.weight.sum() + norm.bias.sum()))
         y = torch.cat(out)
+        if y.shape[0] != x.shape[0]:
+            raise ValueError(f"source indices {sorted(set(source.tolist()))}: this layer has {len(self.norms)} sources")
         inverse = torch.empty_like(source)
         inverse[torch.cat(order)] = torch.arange(len(source), device=source.device)
         return y.index_select(0, inverse)
