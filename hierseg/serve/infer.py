@@ -98,7 +98,7 @@ class PredictOptions:
     (bench/README.md); off by default because whole-volume prediction is the expensive step."""
     source: int | None = None
     """The data source whose statistics a ``model.norm: source_batch`` model normalises with (its index in
-    the training spec's ``data.train``; ``--source NAME``, :func:`with_source`); ``None`` for other models."""
+    the training spec's ``data.train``; ``--source NAME``, :func:`source_index`); ``None`` for other models."""
     window: tuple[int, ...] | None = None
     """3D models, validation only: score a ``[D, H, W]`` block in non-overlapping windows of at most this
     ``[z, y, x]`` (:func:`block_windows`) instead of blended sliding windows (``tile``, ``overlap``)."""
