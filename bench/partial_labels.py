@@ -145,7 +145,8 @@ def train_and_score(name: str, keys: list[str], ctx: dict, steps: int, seed: int
         shutil.rmtree(own, ignore_errors=True)
     spec = write_spec(name, keys, ctx["shards"], cfg, steps, work, batch or cfg.batch)
     per_source = cfg.source_norm and len(keys) > 1
-    extra = [*cfg.set, *(["model.norm=source_batch"] if per_source else [])]
+    per_source_layers = ["model.norm=source_batch", *(["model.source_prior=true"] if cfg.source_prior else [])]
+    extra = [*cfg.set, *(per_source_layers if per_source else [])]
     t0 = time.perf_counter()
     rd.run_cli(f"train_{run}", [sys.executable, str(ROOT / "jobs" / "train.py"), "--spec", str(spec), "--launcher",
                                 "ray", "--set", f"run.seed={seed}", "--set", f"run.name={run}",
@@ -194,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--source-norm", action="store_true",
                     help="the joint model normalises each source with its own batch statistics "
                          "(model.norm=source_batch; predict --source); the own models keep batch norm")  # fmt: skip
+    ap.add_argument("--source-prior", action="store_true",
+                    help="with --source-norm: the joint model also learns a logit bias per source "
+                         "(model.source_prior=true)")  # fmt: skip
     ap.add_argument("--own-from", type=Path, metavar="RESULTS_JSON",
                     help="take the own models' scores from an earlier run's results.json (same settings) "
                          "instead of training them again")  # fmt: skip
@@ -201,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="srf_tem's label map (examples/label_maps/srf_tem_axoplasm.yaml: axon label 3 as the set "
                          "[axon, mitochondria], as the tracers drew it)")  # fmt: skip
     cfg = ap.parse_args(argv)
+    if cfg.source_prior and not cfg.source_norm:
+        ap.error("--source-prior needs --source-norm (a bias per source is learned only with per-source statistics)")
     if not (rd.DATA / "srf_tem").is_dir() or not (rd.DATA / "vnc_sstem").is_dir():
         print(f"bench/partial_labels.py: skipped: {rd.DATA}/srf_tem or vnc_sstem is absent")
         return 0

@@ -192,6 +192,26 @@ class SourceBatchNorm(nn.Module):
         return y.index_select(0, inverse)
 
 
+class SourcePrior(nn.Module):
+    """One learned logit bias per data source on a head (``model.source_prior``), added to the shared head's.
+
+    Why: every labelled pixel of a source is a known negative for the classes outside its label, and sources
+    differ in what they contain (srf_tem labels axons and myelin, vnc_sstem has glia and no myelin). With one
+    shared bias, srf_tem drives the glia logit down on every input; a bias per source absorbs each source's
+    class frequencies, so the shared weights learn only what tells the classes apart.
+    """
+
+    def __init__(self, channels: int, num_sources: int):
+        super().__init__()
+        # One 1-D parameter per source, so the optimizer treats them as biases (no weight decay).
+        self.bias = nn.ParameterList(nn.Parameter(torch.zeros(channels)) for _ in range(num_sources))
+
+    def forward(self, logits_BCS: torch.Tensor, source: torch.Tensor | int) -> torch.Tensor:
+        index_B = torch.as_tensor(source, device=logits_BCS.device).reshape(-1)  # one int: the whole batch's
+        bias_BC = torch.stack(list(self.bias))[index_B]  # an absent source's row gets a zero gradient
+        return logits_BCS + bias_BC.reshape(*bias_BC.shape, *[1] * (logits_BCS.dim() - 2))
+
+
 def _norm(kind: str, channels: int, dims: int = 2, num_sources: int = 1) -> nn.Module:
     if kind == "batch":
         return _LAYERS[dims].batch_norm(channels)
@@ -242,6 +262,7 @@ class UNet(nn.Module):
         dims: int = 2,
         voxel_size: Sequence[float] | None = None,
         source_names: Sequence[str] = (),
+        source_prior: bool = False,
     ):
         super().__init__()
         plan = plan_unet(depth, dims, voxel_size)
@@ -260,6 +281,12 @@ class UNet(nn.Module):
         self.fine_head = layers.conv(widths[0], num_fine, 1)
         self.coarse_heads = nn.ModuleList(layers.conv(widths[0], g, 1) for g in coarse_groups)
         self._source_norms = [m for m in self.modules() if isinstance(m, SourceBatchNorm)]
+        # Zero-initialised (no random draw), so the seeded initial weights are those without it.
+        self.priors = (
+            nn.ModuleList(SourcePrior(c, n) for c in (num_fine, *coarse_groups))
+            if source_prior and self.source_names
+            else None
+        )
 
     def forward(
         self, x_BCS: torch.Tensor, source: torch.Tensor | int | None = None
@@ -291,7 +318,10 @@ class UNet(nn.Module):
         for up, merge in zip(self.up, self.merge, strict=True):
             feat = merge(torch.cat([up(feat), skips.pop()], dim=1))
         feat = self.dropout(feat)[(..., *(slice(0, size) for size in size_S))]
-        return self.fine_head(feat), [head(feat) for head in self.coarse_heads]
+        fine, coarse = self.fine_head(feat), [head(feat) for head in self.coarse_heads]
+        if self.priors is not None:
+            fine, *coarse = (prior(logits, source) for prior, logits in zip(self.priors, [fine, *coarse], strict=True))
+        return fine, coarse
 
 
 def build_model(
@@ -322,6 +352,7 @@ def build_model(
         dims=spec.dims,
         voxel_size=voxel_size,
         source_names=source_names,
+        source_prior=spec.source_prior,
     )
 
 

@@ -284,6 +284,10 @@ class ModelSpec(_Strict):
     """Normalisation layer (group norm is independent of the per-rank batch size). ``source_batch``: batch
     norm with its own statistics and affine per data source (several ``data.train`` sources only), so crops
     of different microscopes are never normalised together; such a model predicts with ``--source NAME``."""
+    source_prior: bool = False
+    """With ``norm: source_batch``: every head also learns one logit bias per data source, so each source's class
+    frequencies stay its own (every labelled srf_tem pixel is a known negative for glia; with one shared bias
+    that source alone teaches the head that glia is rare everywhere)."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout before the heads."""
     channels_last: bool = False
@@ -437,6 +441,11 @@ class JobSpec(_Strict):
             raise ValueError(
                 f"data source {sorted(clash)[0]!r} has the name of a hierarchy level: val/{sorted(clash)[0]}/... "
                 "would mean both; rename the source"
+            )
+        if self.model.source_prior and self.model.norm != "source_batch":
+            raise ValueError(
+                "model.source_prior learns a bias per data source, which only a model.norm: source_batch model "
+                "is given; set model.norm: source_batch (several data.train sources) or drop model.source_prior"
             )
         if self.model.norm == "source_batch" and not self.data.multi_source:
             raise ValueError(

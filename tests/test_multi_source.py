@@ -364,6 +364,38 @@ def test_source_batch_norm_normalises_each_source_alone() -> None:
     )
 
 
+def test_source_prior_adds_each_samples_source_bias_to_every_head() -> None:
+    """model.source_prior: the logits are the same network's without it plus the sample's source bias, per head;
+    an absent source's bias gets a zero gradient."""
+    from hierseg.labels import Hierarchy
+    from hierseg.model import build_model
+    from hierseg.spec import ModelSpec
+
+    kw = {"norm": "source_batch", "base_channels": 4, "depth": 2}
+    torch.manual_seed(5)
+    with_prior = build_model(ModelSpec(**kw, source_prior=True), Hierarchy.default(), source_names=["a", "b", "c"])
+    torch.manual_seed(5)
+    without = build_model(ModelSpec(**kw), Hierarchy.default(), source_names=["a", "b", "c"])
+    # Zero-initialised priors draw nothing: the seeded weights are the same.
+    assert all(torch.equal(with_prior.state_dict()[k], v) for k, v in without.state_dict().items())
+    biases = [torch.randn(3, 12), torch.randn(3, 5)]
+    with torch.no_grad():
+        for prior, table in zip(with_prior.priors, biases, strict=True):
+            for k in range(3):
+                prior.bias[k].copy_(table[k])
+    x = torch.randn(4, 1, 16, 16)
+    source = torch.tensor([2, 0, 2, 0])  # source 1 absent
+    got, want = with_prior(x, source), without(x, source)
+    for g, w, table in zip([got[0], *got[1]], [want[0], *want[1]], biases, strict=True):
+        torch.testing.assert_close(g, w + table[source][:, :, None, None])
+    sum(t.sum() for t in [got[0], *got[1]]).backward()
+    assert torch.equal(with_prior.priors[0].bias[1].grad, torch.zeros(12))
+    torch.testing.assert_close(with_prior.priors[0].bias[0].grad, torch.full((12,), 2 * 16 * 16.0))
+    with_prior.eval(), without.eval()
+    got, want = with_prior(x, 1), without(x, 1)
+    torch.testing.assert_close(got[0], want[0] + biases[0][1][None, :, None, None])
+
+
 def _source_batch_rank_job(rank: int, world: int, raw: dict):
     from hierseg.spec import JobSpec
     from hierseg.train.context import DistContext
@@ -383,14 +415,15 @@ def _source_batch_rank_job(rank: int, world: int, raw: dict):
 
 
 def test_source_batch_norm_trains_on_two_gloo_ranks_exactly(data, tmp_path) -> None:
-    """model.norm source_batch on 2 ranks: each step's gradients equal one process's from both ranks' sub-batches,
-    each normalised per source on its own rank; validation scores each source with its statistics."""
+    """model.norm source_batch (with source_prior) on 2 ranks: each step's gradients equal one process's from both
+    ranks' sub-batches, each normalised per source on its own rank; validation scores each source with its
+    statistics."""
     from hierseg.losses import hierarchical_loss
     from hierseg.model import build_model
     from hierseg.spec import JobSpec
 
     raw = _two_source_spec(data, tmp_path)
-    raw["model"]["norm"] = "source_batch"
+    raw["model"] |= {"norm": "source_batch", "source_prior": True}
     results = run_ranks(2, _source_batch_rank_job, raw)
     spec = JobSpec.model_validate(raw)
     table = resolve_sources(spec.data).label_sets.table()
@@ -477,6 +510,12 @@ def test_source_batch_needs_several_sources(data, tmp_path) -> None:
         SpecError, match=r"model.norm source_batch keeps statistics per data source.*use model.norm: batch"
     ):
         validate_spec(tiny_spec(data / "mito", data, data={"synthetic": None}, model={"norm": "source_batch"}))
+
+
+def test_source_prior_needs_source_batch(data) -> None:
+    """model.source_prior without per-source statistics is a spec error naming the field and the fix."""
+    with pytest.raises(SpecError, match=r"model.source_prior .* set model.norm: source_batch"):
+        validate_spec(tiny_spec(data / "mito", data, data={"synthetic": None}, model={"source_prior": True}))
 
 
 def test_logged_source_batch_model_takes_its_source_as_a_param(data, tmp_path) -> None:
