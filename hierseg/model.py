@@ -212,6 +212,11 @@ class SourcePrior(nn.Module):
         return logits_BCS + bias_BC.reshape(*bias_BC.shape, *[1] * (logits_BCS.dim() - 2))
 
 
+ABSENT_LOGIT = -10.0
+"""A source prior's start for a class the source never labels: softmax and sigmoid ~5e-5, so that source's
+pixels send almost no gradient into the class."""
+
+
 def _norm(kind: str, channels: int, dims: int = 2, num_sources: int = 1) -> nn.Module:
     if kind == "batch":
         return _LAYERS[dims].batch_norm(channels)
@@ -287,6 +292,21 @@ class UNet(nn.Module):
             if source_prior and self.source_names
             else None
         )
+
+    @torch.no_grad()
+    def init_source_priors(self, labelled: Sequence[Sequence[int]], luts: Sequence[torch.Tensor]) -> None:
+        """Start each source's prior (``model.source_prior``) at 0 for the classes its labels contain
+        (``labelled[k]``, fine indices) and at :data:`ABSENT_LOGIT` for the others; a coarse group starts at 0
+        when one of its classes is labelled. ``luts``: the hierarchy's ``[12, K]`` membership tables.
+
+        Why: learning "srf_tem has no glia" through the bias alone takes many steps (Adam moves a bias about
+        ``lr`` a step), and until then every srf_tem pixel pushes the shared weights against glia.
+        """
+        for k, classes in enumerate(labelled):
+            named_C = torch.zeros(self.fine_head.out_channels, dtype=torch.bool)
+            named_C[list(classes)] = True
+            for prior, named in zip(self.priors, [named_C, *(lut[named_C].sum(0) > 0 for lut in luts)], strict=True):
+                prior.bias[k].copy_(torch.where(named, 0.0, ABSENT_LOGIT))
 
     def forward(
         self, x_BCS: torch.Tensor, source: torch.Tensor | int | None = None

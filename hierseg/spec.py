@@ -285,9 +285,10 @@ class ModelSpec(_Strict):
     norm with its own statistics and affine per data source (several ``data.train`` sources only), so crops
     of different microscopes are never normalised together; such a model predicts with ``--source NAME``."""
     source_prior: bool = False
-    """With ``norm: source_batch``: every head also learns one logit bias per data source, so each source's class
-    frequencies stay its own (every labelled srf_tem pixel is a known negative for glia; with one shared bias
-    that source alone teaches the head that glia is rare everywhere)."""
+    """With ``norm: source_batch``: every head also learns one logit bias per data source, starting at 0 for the
+    classes the source's training labels contain and at -10 for the others, so a source's pixels do not teach
+    the shared head against classes the source never labels (every labelled srf_tem pixel is a known negative
+    for glia)."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout before the heads."""
     channels_last: bool = False

@@ -396,6 +396,28 @@ def test_source_prior_adds_each_samples_source_bias_to_every_head() -> None:
     torch.testing.assert_close(got[0], want[0] + biases[0][1][None, :, None, None])
 
 
+def test_source_priors_start_closed_on_the_classes_a_source_never_labels(data, tmp_path) -> None:
+    """A fresh source_prior run starts each source's prior at 0 on the classes its labels contain (alone or in a
+    set) and -10 elsewhere, per fine class and coarse group."""
+    from hierseg.spec import JobSpec
+    from hierseg.train.context import DistContext
+    from hierseg.train.loop import build_job
+
+    raw = tiny_spec(data, tmp_path, data={**_sources(data, "srf", "mito", "vnc"), "patch_size": 32})
+    raw["data"].pop("synthetic")
+    raw["model"] |= {"norm": "source_batch", "source_prior": True}
+    job = build_job(JobSpec.model_validate(raw), DistContext(0, 1, 0, torch.device("cpu"), "local", False), None)
+    # From MAPS: srf traces axon and myelin; "not mitochondria" names every class; vnc's sets and mitochondria.
+    want = {"srf": {3, 6}, "mito": set(range(12)), "vnc": {0, 5, 2, 3, 4, 10}}
+    groups = {"neuron_part": {2, 3, 4}, "glia": {5}, "myelin_related": {6, 7, 8}, "organelle": {9, 10, 11},
+              "non_tissue": {0, 1}}  # fmt: skip
+    for k, name in enumerate(job.model.source_names):
+        fine = job.model.priors[0].bias[k].tolist()
+        assert fine == [0.0 if c in want[name] else -10.0 for c in range(12)], name
+        coarse = job.model.priors[1].bias[k].tolist()
+        assert coarse == [0.0 if members & want[name] else -10.0 for members in groups.values()], name
+
+
 def _source_batch_rank_job(rank: int, world: int, raw: dict):
     from hierseg.spec import JobSpec
     from hierseg.train.context import DistContext

@@ -43,6 +43,17 @@ class Source:
         """Stored labels lie in ``-1 .. num_labels - 1`` (checked before remapping, so errors use stored ids)."""
         return NUM_FINE_CLASSES + len(self.sets)
 
+    def labelled_classes(self) -> tuple[int, ...]:
+        """The fine classes the source's training labels contain, alone or inside a label set (the manifest's
+        histograms); every class when the manifest has none."""
+        manifest = self.train_manifest or {}
+        if "class_histogram" not in manifest:
+            return tuple(range(NUM_FINE_CLASSES))
+        named = {c for c, n in enumerate(manifest["class_histogram"]) if n}
+        for members, n in zip(self.sets.members, manifest.get("set_histogram", []), strict=False):
+            named.update(members if n else ())
+        return tuple(sorted(named))
+
     def label_space(self) -> LabelSpace | None:
         """The source's validation label space with merged stored ids (``val/<source>/label/...``)."""
         record = (self.val_manifest or {}).get("label_map")

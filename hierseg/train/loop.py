@@ -115,6 +115,8 @@ def build_job(spec: JobSpec, ctx: DistContext, run_id: str | None) -> Job:
     model, train_model = _build_model(spec, ctx, hierarchy)
     optimizer = build_optimizer(spec.optim, model)
     sources = resolve_sources(spec.data)  # every source's manifests checked, set tables merged
+    if model.priors is not None:  # a resumed run loads its learned priors over these
+        model.init_source_priors([s.labelled_classes() for s in sources.sources], hierarchy.luts())
     label_sets = sources.label_sets
     norm = sources.normalization(spec.data.normalization)
     torch.manual_seed(spec.run.seed + 1000 + ctx.rank)  # per-rank stream for dropout and friends
