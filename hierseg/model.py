@@ -196,9 +196,10 @@ class SourcePrior(nn.Module):
     """One learned logit bias per data source on a head (``model.source_prior``), added to the shared head's.
 
     Why: every labelled pixel of a source is a known negative for the classes outside its label, and sources
-    differ in what they contain (srf_tem labels axons and myelin, vnc_sstem has glia and no myelin). With one
-    shared bias, srf_tem drives the glia logit down on every input; a bias per source absorbs each source's
-    class frequencies, so the shared weights learn only what tells the classes apart.
+    differ in what they contain (srf_tem labels axons and myelin, vnc_sstem has glia and no myelin). Through
+    one shared head, srf_tem drives the glia logit down on every input. What helps is the start
+    (:meth:`UNet.init_source_priors`: closed on the classes a source never labels); started at 0 the biases
+    barely moved in 300 steps and changed nothing (bench/README.md, partial_labels).
     """
 
     def __init__(self, channels: int, num_sources: int):
