@@ -16,8 +16,9 @@ bench/README.md). This file is part (b): three sources, each supervised at the l
 (section 15 is both vnc sources' validation slab, sections 16..19 are held out), trained
 
 - one model per source, ``steps`` steps each, and
-- one joint model on all three (equal sampling weights) for ``3 x steps`` steps, so each source gets
-  about as many training patches in the joint run as in its own;
+- one joint model on all three (equal sampling weights, or ``--weights``) for ``3 x steps`` steps (or
+  ``--joint-batch``: fewer, larger steps), so with equal weights each source gets about as many training
+  patches in the joint run as in its own;
 
 all through hierseg's CLIs (``make_shards``, ``train`` on Ray with 2 workers, ``predict``). Every model is
 scored on the held-out data of every source it was trained on, in that source's label space:
@@ -122,7 +123,7 @@ def write_spec(name: str, keys: list[str], shards: dict[str, Path], cfg: argpars
     if len(keys) == 1:
         train, val = str(shards[keys[0]] / "train"), str(shards[keys[0]] / "val")
     else:
-        train = [{"name": k, "shards": str(shards[k] / "train"), "weight": 1.0} for k in keys]
+        train = [{"name": k, "shards": str(shards[k] / "train"), "weight": cfg.weights.get(k, 1.0)} for k in keys]
         val = [{"name": k, "shards": str(shards[k] / "val")} for k in keys]
     spec = {
         "data": {"train": train, "val": val, "batch_size": batch, "patch_size": cfg.patch, "num_workers": 1},
@@ -167,6 +168,17 @@ def train_and_score(name: str, keys: list[str], ctx: dict, steps: int, seed: int
     return scores
 
 
+def _weights(text: str) -> dict[str, float]:
+    try:
+        pairs = [item.split("=") for item in text.split(",") if item]
+        weights = {k: float(w) for k, w in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give SOURCE=WEIGHT pairs, e.g. vnc_mito=1.5") from None
+    if any(w <= 0 for w in weights.values()):
+        raise argparse.ArgumentTypeError(f"{text!r}: every weight must be > 0")
+    return weights
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0")
@@ -198,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--source-prior", action="store_true",
                     help="with --source-norm: the joint model also learns a logit bias per source "
                          "(model.source_prior=true)")  # fmt: skip
+    ap.add_argument("--weights", type=_weights, default={}, metavar="SOURCE=W,...",
+                    help="the joint model's sampling weights (default 1 each), e.g. srf=0.75,vnc_sets=0.75,"
+                         "vnc_mito=1.5: the same patches in all, shared differently")  # fmt: skip
     ap.add_argument("--own-from", type=Path, metavar="RESULTS_JSON",
                     help="take the own models' scores from an earlier run's results.json (same settings) "
                          "instead of training them again")  # fmt: skip
@@ -207,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ap.parse_args(argv)
     if cfg.source_prior and not cfg.source_norm:
         ap.error("--source-prior needs --source-norm (a bias per source is learned only with per-source statistics)")
+    stray = sorted(set(cfg.weights) - set(cfg.joint.split(",")))
+    if stray:
+        ap.error(f"--weights names {stray}, which --joint {cfg.joint} does not train")
     if not (rd.DATA / "srf_tem").is_dir() or not (rd.DATA / "vnc_sstem").is_dir():
         print(f"bench/partial_labels.py: skipped: {rd.DATA}/srf_tem or vnc_sstem is absent")
         return 0
@@ -254,9 +272,11 @@ def joint_steps(cfg: argparse.Namespace) -> int:
 def report(results: dict, cfg: argparse.Namespace) -> None:
     seeds = results["seeds"]
     joint_batch = cfg.joint_batch or cfg.batch
-    print(f"\njoint ({cfg.joint}: {joint_steps(cfg)} steps of {joint_batch}) vs each source's own model ({cfg.steps} "
-          f"steps), batch {cfg.batch} of {cfg.patch} px, U-Net base {cfg.base_channels} depth {cfg.depth}, seeds "
-          f"{','.join(map(str, seeds))}; IoU on held-out data in the source's label space")  # fmt: skip
+    weights = f", weights {cfg.weights}" if cfg.weights else ""
+    print(f"\njoint ({cfg.joint}{weights}: {joint_steps(cfg)} steps of {joint_batch}) vs each source's own model "
+          f"({cfg.steps} steps), batch {cfg.batch} of {cfg.patch} px, U-Net base {cfg.base_channels} depth "
+          f"{cfg.depth}, seeds {','.join(map(str, seeds))}; IoU on held-out data in the source's label "
+          "space")  # fmt: skip
     print(f"{'source':<10}{'value':<18}{'joint':>7}{'own':>7}{'diff':>8}   per seed (joint/own)")
     first = next(iter(seeds.values()))
     for key, values in first["own"].items():
