@@ -174,7 +174,7 @@ def _weights(text: str) -> dict[str, float]:
         weights = {k: float(w) for k, w in pairs}
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: give SOURCE=WEIGHT pairs, e.g. vnc_mito=1.5") from None
-    if any(w <= 0 for w in weights.values()):
+    if not all(w > 0 for w in weights.values()):  # also refuses nan
         raise argparse.ArgumentTypeError(f"{text!r}: every weight must be > 0")
     return weights
 
