@@ -1,13 +1,15 @@
 """2D vs 2.5D vs 3D on a real serial-section stack, side by side (issue 12's benchmark).
 
     python bench/dims.py [--quick] [--seeds 0,1] [--steps N] [--batch B] [--patch P] [--zpatch Z] [--xy3d Q]
-        [--base-channels C] [--depth D] [--variants 2d,2.5d,3d] [--set KEY=VALUE ...] [--out DIR]
+        [--base-channels C] [--depth D] [--variants 2d,2.5d,3d] [--set KEY=VALUE ...] [--out DIR] [--reuse]
 
 vnc_sstem as binary mitochondria (source 191 vs every other value, a ``{not: [mitochondria]}`` label set,
 as bench/realdata.py): train on sections 0..13, validation slab 15 (evaluated once, at the end, so it
 never picks a checkpoint), held out and scored: the whole sections 16..19. Three variants, each through
 hierseg's CLIs as a user runs them (``make_shards --stack``, ``train --launcher ray`` on 2 workers,
-``predict`` on the held-out sections as one stack):
+``predict`` on sections 15..19 as one stack, scored on 16..19: a lab predicts the whole stack, so section 16
+has its neighbour below as every other section has; only section 15's image is read, as z context, never its
+labels):
 
 - ``2d``   slices, patches ``P x P``;
 - ``2.5d`` slices with +-1 neighbouring section as extra channels (``make_shards --context 1``,
@@ -49,6 +51,7 @@ import realdata as rd  # noqa: E402  (the same data access, CLI runner, progress
 EXPERIMENT = "bench-dims"
 VOXEL_NM = (50.0, 4.6, 4.6)  # vnc_sstem: ~50 nm sections, 4.6 nm pixels (../shared/data/README.md)
 MITO_SOURCE, MITO_FINE = 191, 10
+NUM_CONTEXT = 1  # predicted below the held-out sections as z context, not scored (section 15, the val slab)
 VARIANTS = ("2d", "2.5d", "3d")
 QUICK = {"seeds": "0", "steps": 30, "batch": 8, "patch": 128, "zpatch": 4, "base_channels": 8, "depth": 3}
 DEFAULT = {"seeds": "0,1", "steps": 300, "batch": 8, "patch": 256, "zpatch": 4, "base_channels": 8, "depth": 4}
@@ -66,6 +69,7 @@ class Config:
     depth: int
     variants: list[str]
     sets: list[str]
+    reuse: bool
 
 
 def write_label_map(work: Path) -> Path:
@@ -124,10 +128,12 @@ def write_spec(variant: str, cfg: Config, shards: Path, work: Path) -> Path:
 
 
 def held_out(work: Path) -> tuple[Path, np.ndarray]:
-    """Links to the held-out sections (one stack in name order) and their source labels ``[Z, H, W]``."""
-    pairs = [p for p in rd.list_pairs(rd.DATASETS["vnc"]) if rd.VNC_HELD_OUT[0] <= int(p.group) < rd.VNC_HELD_OUT[1]]
+    """Links to the predicted stack (context section 15, then the held-out 16..19, in name order) and the
+    held-out sections' source labels ``[Z, H, W]``; the first ``NUM_CONTEXT`` predicted sections are not scored."""
+    low, high = rd.VNC_HELD_OUT[0] - NUM_CONTEXT, rd.VNC_HELD_OUT[1]
+    pairs = sorted((p for p in rd.list_pairs(rd.DATASETS["vnc"]) if low <= int(p.group) < high), key=lambda p: p.name)
     folder = rd.link_held_out(pairs, work / "heldout")
-    return folder, np.stack([rd.read_image(p.label) for p in pairs])
+    return folder, np.stack([rd.read_image(p.label) for p in pairs[NUM_CONTEXT:]])
 
 
 def score(mito_ZHW: np.ndarray, labels_ZHW: np.ndarray) -> dict:
@@ -145,20 +151,25 @@ def score(mito_ZHW: np.ndarray, labels_ZHW: np.ndarray) -> dict:
 def run_variant(variant: str, cfg: Config, seed: int, ctx: dict) -> dict:
     work, env = ctx["work"], ctx["env"]
     name = f"{variant.replace('.', '')}_s{seed}"
-    for own in (work / "runs" / name, work / "pred" / name):
-        shutil.rmtree(own, ignore_errors=True)
+    shutil.rmtree(work / "pred" / name, ignore_errors=True)
     cmd = [sys.executable, str(ROOT / "jobs" / "train.py"), "--spec", str(ctx["specs"][variant]),
            "--launcher", "ray", "--set", f"run.seed={seed}", "--set", f"run.name={name}"]  # fmt: skip
     cmd += [arg for kv in cfg.sets for arg in ("--set", kv)]
-    log = rd.run_cli(f"train_{name}", cmd, work, env)
+    train_log = work / "logs" / f"train_{name}.log"
+    if cfg.reuse and train_log.is_file() and (work / "runs" / name / "best").exists():
+        log = train_log.read_text()  # --reuse: re-predict and re-score a model this work folder trained
+    else:
+        for own in (work / "runs" / name, work / "pred" / name):
+            shutil.rmtree(own, ignore_errors=True)
+        log = rd.run_cli(f"train_{name}", cmd, work, env)
     pred = work / "pred" / name
     rd.run_cli(f"predict_{name}", [sys.executable, str(ROOT / "jobs" / "predict.py"), "--model",
                str(work / "runs" / name / "best"), "--input", str(ctx["held"]), "--output", str(pred),
                "--quiet"], work, env)  # fmt: skip
     import tifffile
 
-    fine = np.asarray(tifffile.imread(pred / "fine_labels.tif"))
-    result = score(fine.reshape(ctx["labels"].shape) == MITO_FINE, ctx["labels"])
+    fine_ZHW = np.asarray(tifffile.imread(pred / "fine_labels.tif")).reshape(-1, *ctx["labels"].shape[1:])
+    result = score(fine_ZHW[NUM_CONTEXT:] == MITO_FINE, ctx["labels"])
     result["voxels_per_s"] = rd.hierseg_rate(log, work, name) * patch_voxels(variant, cfg)
     print(f"[bench] {name}: mitochondria IoU {result['iou']:.3f} (worst section {result['worst']:.3f}), "
           f"{result['voxels_per_s']:,.0f} training voxels/s", flush=True)  # fmt: skip
@@ -188,6 +199,9 @@ def parse_args(argv: list[str] | None) -> tuple[Config, Path | None]:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="extra --set for every variant's train.py (ablations), repeatable")  # fmt: skip
     ap.add_argument("--out", type=Path, help="work folder to keep (default: a temporary folder)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="a model this --out folder already trained (runs/NAME/best and its train log) is "
+                         "predicted and scored again, not retrained")  # fmt: skip
     a = ap.parse_args(argv)
     base = QUICK if a.quick else DEFAULT
     values = {k: getattr(a, k) if getattr(a, k) is not None else base[k] for k in DEFAULT}
@@ -200,7 +214,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, Path | None]:
         ap.error(f"3D blocks of {values['zpatch']}x{values['xy3d']}^2 voxels must fit a step's batch x patch^2 = "
                  f"{step:,} voxels an even number of times, at least twice (blocks for 2 ranks)")  # fmt: skip
     seeds = [int(s) for s in str(values.pop("seeds")).split(",")]
-    return Config(seeds=seeds, variants=variants, sets=a.sets, **values), a.out
+    return Config(seeds=seeds, variants=variants, sets=a.sets, reuse=a.reuse, **values), a.out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 from collections.abc import Callable
@@ -20,6 +21,11 @@ def _entry(rank: int, world: int, init_file: str, out_dir: str, fn: Callable[...
     try:
         result = fn(rank, world, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        # The result's autograd graph can keep a DDP reducer alive; one freed after its process group is
+        # destroyed aborts the process at exit ("terminate called without an active exception", SIGABRT):
+        # 3 runs in 65 of a 3-rank DDP test on 2 cores, none in 160 with the model freed first.
+        del result
+        gc.collect()
     finally:
         dist.destroy_process_group()
 

@@ -71,6 +71,23 @@ def test_local_run_logs_one_mlflow_run_with_metrics_and_model(shards, tmp_path):
 # the single-source multi-process path also by tests/test_deploy_slurm.py's multi-node job.
 
 
+def test_run_in_this_process_restores_signal_handlers_and_frees_its_model(shards, tmp_path):
+    """After a run in the caller's process its signal handlers are back and no model outlives the run."""
+    import gc
+
+    from hierseg.model import UNet
+    from hierseg.train.launch import run_in_process
+
+    signals = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+    before = {sig: signal.getsignal(sig) for sig in signals}
+    spec = tiny_spec(shards, tmp_path, run={"num_workers": 1, "max_steps": 2, "eval_every": 2},
+                     tracking={"log_model": False})  # fmt: skip
+    assert run_in_process(validate_spec(spec), "local")["finished"]
+    assert {sig: signal.getsignal(sig) for sig in signals} == before
+    gc.collect()  # a DDP model alive past its process group aborts a gloo process at exit (close_context)
+    assert not [o for o in gc.get_objects() if type(o) is UNet]  # type(): isinstance warns on lazy torch attrs
+
+
 def test_exact_resume_matches_uninterrupted_run(shards, tmp_path):
     """Stopped at step N of 2N and resumed: same final step and bit-identical weights, dropout included."""
     model = {"dropout": 0.2}  # draws from the global RNG every step: resume must restore it untouched

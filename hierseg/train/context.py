@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from dataclasses import dataclass
@@ -71,6 +72,10 @@ def init_context(spec: JobSpec, launcher: str) -> DistContext:
 
 def close_context(ctx: DistContext) -> None:
     if ctx.owns_process_group and dist.is_initialized():
+        # A DDP reducer freed after its process group is destroyed aborts the process at exit ("terminate
+        # called without an active exception"): a finished gloo job would exit with SIGABRT. Collect the
+        # model's reference cycles while the group still exists.
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -7,10 +7,12 @@ once, and the stop flag (signals, ``run.stop_at_step``) is agreed at logging bou
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -306,13 +308,17 @@ def _agree_to_stop(job: Job) -> bool:
     return bool(all_reduce_(flag, job.ctx).item())
 
 
-def _install_stop_handlers(job: Job) -> None:
+@contextlib.contextmanager
+def _stop_handlers(job: Job) -> Iterator[None]:
     """SIGUSR1/SIGTERM/SIGINT (preemption, shutdown, Ctrl-C): checkpoint at the next boundary, exit.
 
-    A second Ctrl-C exits at once, for a user who does not want to wait for the boundary.
+    A second Ctrl-C exits at once, for a user who does not want to wait for the boundary. The previous
+    handlers come back on exit: a handler left behind would keep the job, and its DDP model, alive past
+    the process group (see ``close_context``).
     """
     if threading.current_thread() is not threading.main_thread():
-        return  # Ray runs the loop in a worker thread; Ray handles its own shutdown
+        yield  # Ray runs the loop in a worker thread; Ray handles its own shutdown
+        return
 
     def handler(signum: int, _frame: Any) -> None:
         if signum == signal.SIGINT and job.stop_requested:
@@ -321,8 +327,13 @@ def _install_stop_handlers(job: Job) -> None:
             job.progress.note("Ctrl-C: checkpointing at the next boundary (press again to exit at once)")
         job.stop_requested = True
 
-    for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, handler)
+    signals = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def run_loop(job: Job) -> bool:
@@ -383,14 +394,14 @@ def train_worker(config: dict[str, Any], ctx: DistContext | None = None) -> dict
     ctx = ctx or init_context(spec, config["launcher"])
     try:
         job = build_job(spec, ctx, config.get("run_id"))
-        _install_stop_handlers(job)
-        resume(job)
-        finished = run_loop(job)
-        job.tracker.wait()
-        log_model = finished and spec.tracking.log_model and job.best
-        model_uri = log_best_model(job) if log_model else None
-        job.progress.finish(job.best, model_uri)
-        return {"finished": finished, "step": job.step, "best": job.best, "model_uri": model_uri}
+        with _stop_handlers(job):
+            resume(job)
+            finished = run_loop(job)
+            job.tracker.wait()
+            log_model = finished and spec.tracking.log_model and job.best
+            model_uri = log_best_model(job) if log_model else None
+            job.progress.finish(job.best, model_uri)
+            return {"finished": finished, "step": job.step, "best": job.best, "model_uri": model_uri}
     finally:
         if own_ctx:
             close_context(ctx)
